@@ -1,0 +1,79 @@
+"""CLIP through open_clip: one place that builds it and reads token states out of it.
+
+Würstchen conditions Stage C on CLIP-bigG/14 and Stage B on CLIP-H/14 *token states*
+(77×width, not pooled; Würstchen §3, wuerstchen.md); the data filter and the CLIP score use
+the pooled, projected embeddings. ``tiny-clip`` is a random 2-layer model registered here so
+that every path runs offline; paper names load real weights with a pretrained tag.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+TINY = "tiny-clip"
+open_clip.add_model_config(resources.files("genmodels") / "configs" / f"{TINY}.json")
+
+# Paper encoders (pretrained tags as published by open_clip / LAION).
+BIGG = ("ViT-bigG-14", "laion2b_s39b_b160k")  # Würstchen Stage C
+H14 = ("ViT-H-14", "laion2b_s32b_b79k")  # Würstchen Stage B
+B32 = ("ViT-B-32", "laion2b_s34b_b79k")  # data filter (LAION's CLIP ≥ 0.28 threshold is for B/32)
+
+
+def build_clip(name: str = TINY, pretrained: str | None = None, seed: int = 0):
+    """(model, preprocess, tokenizer). ``pretrained`` is an open_clip tag or a local checkpoint path;
+    ``None`` gives random weights (seeded, so tiny models are the same on every worker)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    model.eval().requires_grad_(False)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def text_width(model) -> int:
+    return model.ln_final.normalized_shape[0]
+
+
+def embed_dim(model) -> int:
+    proj = model.text_projection
+    return proj.out_features if isinstance(proj, torch.nn.Linear) else proj.shape[1]
+
+
+def image_size(model) -> int:
+    size = model.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+@torch.no_grad()
+def encode_text_tokens(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Last-layer token states after ``ln_final``, shape (B, L, width): encode_text without pooling."""
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    return model.ln_final(x)
+
+
+@torch.no_grad()
+def encode_text_pooled(model, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    return model.encode_text(tokens, normalize=normalize)
+
+
+@torch.no_grad()
+def encode_image(model, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Images already preprocessed (CLIP mean/std, model resolution)."""
+    return model.encode_image(images, normalize=normalize)
+
+
+_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+def preprocess_tensor(model, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] NCHW (as generators output them) to CLIP's input: resize + normalise."""
+    size = image_size(model)
+    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    x = ((x.clamp(-1, 1) + 1) / 2 - _MEAN.to(x.device)) / _STD.to(x.device)
+    return x

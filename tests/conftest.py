@@ -1,0 +1,95 @@
+"""Test-wide settings: offline hubs, one torch thread, loopback-only services.
+
+Set at import time so that every library imported later (huggingface_hub, albumentations,
+boto3) sees them, exactly as the demo does.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+# Tiny models on a 2-core machine: more threads only add contention between test workers.
+torch.set_num_threads(1)
+
+
+import contextlib  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 4, temp_root: str | None = None):
+    """A real Ray head node on 127.0.0.1 with a job server, stopped on exit.
+
+    ``ray start --block`` tears down exactly the processes it started when terminated, so
+    tests never need the machine-wide ``ray stop`` (which would kill other Ray sessions).
+    """
+    import tempfile
+
+    port, dash = free_port(), free_port()
+    # Ray's socket paths must stay short (AF_UNIX limit), so keep the temp dir near /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir=temp_root or "/tmp")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    dashboard = f"http://127.0.0.1:{dash}"
+    try:
+        import urllib.request
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(dashboard + "/api/version", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("ray head did not come up") from None
+                time.sleep(1)
+        yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray for the whole test session, connected in this process (Ray dislikes two per machine)."""
+    import ray
+
+    with ray_head() as head:
+        os.environ["RAY_ADDRESS"] = head["address"]
+        ray.init(address=head["address"], log_to_driver=False)
+        try:
+            yield head
+        finally:
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)

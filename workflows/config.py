@@ -1,0 +1,215 @@
+"""Pipeline configuration: frozen dataclasses loaded from YAML, overridable from the CLI.
+
+A pipeline config file has three sections::
+
+    run:    {root: runs/demo, name: demo}
+    ray:    {address: null, num_cpus: null}
+    stages: {download: {...}, filter: {...}}
+
+Each stage owns one frozen dataclass (declared next to its code); validation turns the YAML
+into those dataclasses before any cluster work starts, and every error is one line naming
+the key: ``stages.download.image_size: expected int, got 'big'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    root: str = "runs/demo"  # local path or s3://bucket/prefix
+    name: str = "demo"
+    # Optional $/hour per resource, e.g. {"CPU": 0.04, "GPU:H100": 4.0}, for cost accounting.
+    prices: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # RAY_ADDRESS wins when set (as under `ray job submit`)
+    num_cpus: int | None = None  # only for a local Ray started by the pipeline
+    # Workers inherit these so that plain s3:// URIs resolve to the same endpoint everywhere.
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def path_field(default: str = "", *, must_exist: bool = True) -> Any:
+    """A config field holding a local path or URI that is checked before any work starts."""
+    return field(default=default, metadata={"path": True, "must_exist": must_exist})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Make dataclass ``cls`` from a mapping, checking every key and type; ``where`` names it."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}"
+        kwargs[name] = _coerce(hints[name], value, key)
+        if known[name].metadata.get("path") and known[name].metadata.get("must_exist") and kwargs[name]:
+            _check_path(kwargs[name], key)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+    validate = getattr(obj, "validate", None)
+    if validate:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from e
+    return obj
+
+
+def _check_path(value: str, key: str) -> None:
+    if "://" in value:  # remote inputs are checked by the stage that reads them
+        return
+    if not os.path.exists(os.path.expanduser(value)):
+        raise ConfigError(f"{key}: file not found: {value}")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: unexpected value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run: RunConfig
+    ray: RayConfig
+    stages: dict[str, Any]  # stage name -> that stage's frozen config dataclass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": to_dict(self.run), "ray": to_dict(self.ray),
+                "stages": {k: to_dict(v) for k, v in self.stages.items()}}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``a.b.c=value`` pairs to a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: overrides look like key.subkey=value")
+        value = yaml.safe_load(raw) if raw else ""
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: str | None, overrides: list[str], stage_configs: dict[str, type]) -> PipelineConfig:
+    """Read YAML, apply overrides, and validate against every stage's config class.
+
+    Overrides may name a stage section directly (``download.image_size=64``) or with
+    the ``stages.`` prefix; ``run.*`` and ``ray.*`` address the other two sections.
+    """
+    raw: dict[str, Any] = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    over = parse_overrides(overrides)
+    for k in list(over):
+        if k not in ("run", "ray", "stages"):
+            over.setdefault("stages", {})[k] = _merge(over.get("stages", {}).get(k, {}), over.pop(k))
+    raw = _merge(raw, over)
+    unknown = sorted(set(raw) - {"run", "ray", "stages"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: run, ray, stages, or a stage name)")
+    stages_raw = raw.get("stages") or {}
+    if not isinstance(stages_raw, dict):
+        raise ConfigError("stages: expected a mapping of stage name to settings")
+    bad = sorted(set(stages_raw) - set(stage_configs))
+    if bad:
+        raise ConfigError(f"stages.{bad[0]}: unknown stage (known: {', '.join(stage_configs)})")
+    stages = {name: build(cls, stages_raw.get(name), f"stages.{name}") for name, cls in stage_configs.items()}
+    return PipelineConfig(run=build(RunConfig, raw.get("run"), "run"),
+                          ray=build(RayConfig, raw.get("ray"), "ray"), stages=stages)

@@ -1,0 +1,158 @@
+"""Plan and execute the stage DAG with per-stage caching.
+
+The plan is computed from manifests only (no work, no Ray), printed first, and is what
+``--dry-run`` shows. Execution runs the planned stages in order, writes each manifest
+last, and finishes with a run summary (``runs/<run_id>/summary.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from workflows.config import PipelineConfig, to_dict
+from workflows.stage import Stage, cache_key
+from workflows.store import Artifact, Store, write_manifest
+
+log = logging.getLogger("genmodels")
+
+
+class PlanError(ValueError):
+    """The requested selection cannot run (e.g. an upstream artifact is missing)."""
+
+
+@dataclass
+class Step:
+    stage: Stage
+    key: str
+    artifact: Artifact
+    action: str  # "run" | "cached" | "skip"
+    reason: str
+
+
+def descendants(stages: list[Stage], roots: set[str]) -> set[str]:
+    out = set(roots)
+    for s in stages:  # stages are in topological order, so one pass suffices
+        if out.intersection(s.inputs):
+            out.add(s.name)
+    return out
+
+
+def plan(stages: list[Stage], cfg: PipelineConfig, store: Store, only: set[str] | None = None,
+         start: str | None = None, force: set[str] | None = None) -> list[Step]:
+    names = [s.name for s in stages]
+    for n in list(only or ()) + ([start] if start else []) + list(force or ()):
+        if n not in names:
+            raise PlanError(f"unknown stage {n!r} (stages: {', '.join(names)})")
+    selected = set(names) if only is None else set(only)
+    if start:
+        selected &= descendants(stages, {start})
+    forced = descendants(stages, set(force or ())) & selected if force else set()
+    selected |= forced
+
+    steps: dict[str, Step] = {}
+    for s in stages:
+        missing_inputs = [i for i in s.inputs if i not in steps]
+        if missing_inputs:
+            raise PlanError(f"stage {s.name!r} consumes {missing_inputs[0]!r}, which is declared after it")
+        key = cache_key(s, cfg.stages[s.name], {i: steps[i].key for i in s.inputs})
+        art = store.artifact(s.name, key)
+        done = bool(art.manifest) and art.manifest.get("key") == key
+        upstream_runs = [i for i in s.inputs if steps[i].action == "run"]
+        if s.name not in selected:
+            action, reason = ("cached", "not selected; cached artifact used") if done else ("skip", "not selected")
+        elif s.name in forced:
+            action, reason = "run", "forced" if s.name in (force or ()) else "downstream of a forced stage"
+        elif done and not upstream_runs:
+            action, reason = "cached", f"manifest {art.manifest.get('created_at', '')}"
+        elif upstream_runs:
+            action, reason = "run", f"upstream {upstream_runs[0]!r} runs"
+        else:
+            partial = art.sizes()[0]
+            action, reason = "run", (f"resuming: {partial} partial files" if partial else "no cached artifact")
+        steps[s.name] = Step(s, key, art, action, reason)
+
+    for st in steps.values():
+        if st.action != "run":
+            continue
+        for i in st.stage.inputs:
+            if steps[i].action == "skip":
+                raise PlanError(f"stage {st.stage.name!r} needs {i!r}, which has no cached artifact for this "
+                                f"config: include it (--stages {i},{st.stage.name}) or run without --stages")
+    return list(steps.values())
+
+
+def format_plan(steps: list[Step]) -> str:
+    width = max(len(s.stage.name) for s in steps)
+    lines = ["plan:"]
+    for s in steps:
+        lines.append(f"  {s.stage.name:<{width}}  {s.action:<6}  {s.key}  ({s.reason})")
+    return "\n".join(lines)
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             timeout=5, cwd=__file__.rsplit("/", 2)[0])
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def execute(steps: list[Step], cfg: PipelineConfig, store: Store, run_id: str,
+            before_stage: Callable[[Stage], None] = lambda s: None) -> dict[str, Any]:
+    """Run every "run" step in order; services of input stages stay up until the run ends."""
+    version = code_version()
+    by_name = {s.stage.name: s for s in steps}
+    rows = []
+    run_art = store.run_dir(run_id)
+    run_art.write_json("config.json", cfg.to_dict())
+    t_run = time.time()
+    with contextlib.ExitStack() as services:
+        started: set[str] = set()
+        for st in steps:
+            if st.action != "run":
+                rows.append(_row(st, 0.0))
+                continue
+            for i in st.stage.inputs:
+                up = by_name[i]
+                if up.stage.service and i not in started:
+                    services.enter_context(up.stage.service(up.artifact, cfg.stages[i]))
+                    started.add(i)
+            stage_cfg = cfg.stages[st.stage.name]
+            if st.reason.startswith("forced") or st.reason.startswith("downstream"):
+                st.artifact.clear()  # stale shards of an older run must not survive a forced rerun
+            log.info("[%s] running (%s) -> %s", st.stage.name, st.reason, st.artifact.uri)
+            before_stage(st.stage)
+            t0 = time.time()
+            inputs = {i: by_name[i].artifact for i in st.stage.inputs}
+            counts = st.stage.fn(inputs, stage_cfg, st.artifact) or {}
+            wall = time.time() - t0
+            resources = st.stage.resources(stage_cfg)
+            st.artifact.write_json("config.json", to_dict(stage_cfg))
+            write_manifest(st.artifact, {
+                "stage": st.stage.name, "key": st.key, "version": st.stage.version,
+                "config": to_dict(stage_cfg), "inputs": {i: by_name[i].key for i in st.stage.inputs},
+                "code_version": version, "counts": counts, "wall_s": round(wall, 3),
+                "resources": resources, "run_id": run_id})
+            log.info("[%s] done in %.1fs: %s", st.stage.name, wall, _fmt_counts(counts))
+            rows.append(_row(st, wall))
+    summary = {"run_id": run_id, "root": store.uri, "wall_s": round(time.time() - t_run, 3), "stages": rows}
+    run_art.write_json("summary.json", summary)
+    return summary
+
+
+def _row(st: Step, wall: float) -> dict[str, Any]:
+    m = st.artifact.manifest
+    return {"stage": st.stage.name, "action": st.action, "reason": st.reason, "key": st.key,
+            "uri": st.artifact.uri if m else None, "wall_s": round(wall, 3) if st.action == "run" else m.get("wall_s"),
+            "counts": m.get("counts", {}), "resources": m.get("resources", {}), "files": m.get("files"),
+            "bytes": m.get("bytes")}
+
+
+def _fmt_counts(counts: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, (dict, list))) or "-"
