@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -42,6 +43,8 @@ class UrlsConfig:
             raise ValueError(f"port: {self.port} is not a TCP port")
         if self.n < 1:
             raise ValueError(f"n: must be ≥ 1, got {self.n}")
+        if self.source != "demo" and "://" not in self.source and not os.path.exists(self.source):
+            raise ValueError(f"source: file not found: {self.source}")
         if self.min_size > self.max_size:
             raise ValueError(f"min_size: {self.min_size} is larger than max_size {self.max_size}")
 

@@ -50,7 +50,9 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
     port, dash = free_port(), free_port()
     # Ray's socket paths must stay short (AF_UNIX limit), so keep the temp dir near /tmp.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir=temp_root or "/tmp")
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Job entrypoints say plain `python`: it must be this interpreter (the venv's), as under test.sh.
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 
 from data_prep import urls  # noqa: E402
 from workflows import config as config_mod  # noqa: E402
-from workflows import runner  # noqa: E402
+from workflows import report, runner  # noqa: E402
 from workflows.stage import Stage  # noqa: E402
 from workflows.store import Store  # noqa: E402
 
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     before = (lambda st: init_ray(cfg) if st.uses_ray else None)
     summary = runner.execute(steps, cfg, store, run_id, before_stage=before)
+    summary["report"] = report.write_report(summary, store, store.run_dir(run_id), cfg.run.prices)
     ran = [r["stage"] for r in summary["stages"] if r["action"] == "run"]
     cached = [r["stage"] for r in summary["stages"] if r["action"] == "cached"]
     print(f"done in {summary['wall_s']:.1f}s: ran {len(ran)} stage(s) {ran}, {len(cached)} cached")
