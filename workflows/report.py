@@ -31,14 +31,16 @@ def cost_table(rows: list[dict[str, Any]], prices: dict[str, float]) -> tuple[li
     out, total = [], {}
     for r in rows:
         wall = r.get("wall_s") or 0.0
-        hours = {res: round(n * wall / 3600.0, 6) for res, n in (r.get("resources") or {}).items()}
+        hours = {res: n * wall / 3600.0 for res, n in (r.get("resources") or {}).items()}
         ran = r["action"] == "run"
         money = sum(prices.get(res, 0.0) * h for res, h in hours.items()) if ran else 0.0
-        out.append({"stage": r["stage"], "action": r["action"], "hours": hours, "cost": round(money, 4)})
+        out.append({"stage": r["stage"], "action": r["action"], "hours": {k: round(v, 6) for k, v in hours.items()},
+                    "cost": round(money, 6)})
         if ran:
             for res, h in hours.items():
-                total[f"{res}-hours"] = round(total.get(f"{res}-hours", 0.0) + h, 6)
-            total["cost"] = round(total.get("cost", 0.0) + money, 4)
+                total[f"{res}-hours"] = total.get(f"{res}-hours", 0.0) + h
+            total["cost"] = total.get("cost", 0.0) + money
+    total = {k: round(v, 6) for k, v in total.items()}
     return out, total
 
 
