@@ -20,7 +20,8 @@ import uuid
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep import urls  # noqa: E402
+from data_prep import download, recaption, shard, urls  # noqa: E402
+from data_prep import filter as filt  # noqa: E402
 from workflows import config as config_mod  # noqa: E402
 from workflows import report, runner  # noqa: E402
 from workflows.stage import Stage  # noqa: E402
@@ -31,7 +32,20 @@ log = logging.getLogger("genmodels")
 STAGES: list[Stage] = [
     # -- data -------------------------------------------------------------------------------
     Stage("urls", urls.run, urls.UrlsConfig, service=urls.serve),
+    Stage("download", download.run, download.DownloadConfig, inputs=("urls",), uses_ray=True,
+          resources=lambda c: {"CPU": c.num_cpus}),
+    Stage("filter", filt.run, filt.FilterConfig, inputs=("download",), uses_ray=True,
+          resources=lambda c: _actors(c)),
+    Stage("recaption", recaption.run, recaption.RecaptionConfig, inputs=("download", "filter"), uses_ray=True,
+          resources=lambda c: _actors(c)),
+    Stage("shard", shard.run, shard.ShardConfig, inputs=("download", "filter", "recaption"), uses_ray=True,
+          resources=lambda c: {"CPU": c.num_cpus}),
 ]
+
+def _actors(c) -> dict[str, float]:
+    """Resources of a model actor pool: GPUs when configured, else the actors' CPU share."""
+    return {"GPU": c.num_gpus * c.actors} if c.num_gpus else {"CPU": c.actor_num_cpus * c.actors}
+
 
 # Variables that Ray workers on a cluster must see as the driver does.
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",

@@ -1,0 +1,180 @@
+"""Stage ``recaption``: a LLaVA caption for every image the filter kept, beside the original.
+
+One streaming Ray Data pass: ``read_webdataset`` over the download tars → :func:`prepare`
+(CPU tasks: keep only the filter's kept rows, decode, centre-crop to the processor's input
+size) → :class:`~data_prep.models.LlavaCaptioner` (actor pool; ``num_gpus`` per actor on GPU
+with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. Images are not copied: the shard
+stage joins captions back to the download tars by ``key``.
+
+``model: tiny`` builds a tiny random LLaVA offline (:mod:`data_prep.tiny_llava`) once per
+machine under ``~/.cache/genmodels`` so the whole path runs for real on a CPU; any other value
+is a hub id or a local ``save_pretrained`` directory passed to ``from_pretrained``.
+
+Output schema of ``rows/`` (``shard`` from the hive directory): ``key``, ``sample_id``,
+``caption`` (the original, cleaned), ``recaption``, ``recaption_error`` ("" or
+``decode_error``/``too_large``). Exactly once as in the filter stage: a shard is done when its
+files hold as many rows as the filter kept for it; incomplete shards are deleted and redone.
+
+Counts: ``rows_in``, ``rows_out``, ``empty_recaptions``, ``errors``, ``mean_recaption_words``,
+``shards``, ``shards_resumed``, ``rows_per_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_prep import images, tiny_llava
+from data_prep.filter import (
+    _hive,
+    actor_resources,
+    pending_shards,
+    read_shard_rows,
+    read_shards,
+    read_tars,
+    sample_columns,
+    tar_shards,
+    write_by_shard,
+)
+from workflows.store import Artifact
+
+log = logging.getLogger("genmodels")
+
+LLAVA_15_PROMPT = "USER: <image>\nDescribe this image in one sentence. ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class RecaptionConfig:
+    """Settings of the recaption stage (``stages.recaption``).
+
+    model: ``llava-hf/llava-1.5-7b-hf`` (or any LLaVA checkpoint id / local directory);
+        ``tiny`` = the random offline model of :mod:`data_prep.tiny_llava`.
+    prompt: the full prompt in the model's chat format, containing ``<image>``.
+    max_new_tokens: generation length (greedy decoding).
+    batch_size: images per ``generate`` call; actors: captioner actor pool size.
+    num_gpus: GPUs per actor (0: CPU); GPU actors request 0 CPUs and run in bf16.
+    actor_num_cpus: CPUs per actor on CPU (fractional: a 2-CPU node must keep read slots free).
+    prep_num_cpus: CPUs per preprocessing task.
+    image_size: side of the square image handed to the processor; 0 = the processor's crop size.
+    max_image_pixels: decompression-bomb guard.
+    """
+
+    model: str = "llava-hf/llava-1.5-7b-hf"
+    prompt: str = LLAVA_15_PROMPT
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    actors: int = 1
+    num_gpus: float = 0.0
+    actor_num_cpus: float = 0.5
+    prep_num_cpus: float = 1.0
+    image_size: int = 0
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        if "<image>" not in self.prompt:
+            raise ValueError(f"prompt: must contain '<image>', got {self.prompt!r}")
+        for name in ("max_new_tokens", "batch_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+
+
+def processor_size(model: str) -> int:
+    from transformers import AutoProcessor
+
+    crop = AutoProcessor.from_pretrained(tiny_llava.resolve(model)).image_processor.crop_size
+    return int(crop["height"] if isinstance(crop, dict) else crop.height)
+
+
+# Per worker process: kept keys of each filter shard (tasks of one stage reuse their worker).
+_KEPT: dict[tuple[str, str], set[str]] = {}
+_KEPT_LOCK = threading.Lock()
+
+
+def kept_keys(filt: Artifact, shard: str) -> set[str]:
+    k = (filt.uri, shard)
+    with _KEPT_LOCK:
+        if k not in _KEPT:
+            t = read_shard_rows(filt, "rows", shard, ["key", "keep"])
+            _KEPT[k] = set(pc.filter(t.column("key"), t.column("keep")).to_pylist())
+        return _KEPT[k]
+
+
+def prepare(batch: dict[str, Any], *, filt: Artifact, path_to_shard: dict[str, str], size: int,
+            max_pixels: int) -> dict[str, np.ndarray]:
+    """Raw webdataset rows → the filter's kept rows with a ``size``² uint8 image each."""
+    cols = sample_columns(batch, path_to_shard)
+    keep = [i for i, (s, k) in enumerate(zip(cols["shard"], cols["key"])) if k in kept_keys(filt, s)]
+    imgs, errors = [], []
+    for i in keep:
+        try:
+            img = images.decode_rgb(cols["data"][i], max_pixels, draft=size)
+            imgs.append(np.asarray(images.center_crop_resize(img, size), dtype=np.uint8))
+            errors.append("")
+        except images.BadImage as e:
+            imgs.append(np.full((size, size, 3), 255, np.uint8))
+            errors.append(e.reason)
+    pick = lambda name: np.array([cols[name][i] for i in keep], dtype=object)
+    return {"shard": pick("shard"), "key": pick("key"), "sample_id": pick("sample_id"), "caption": pick("caption"),
+            "recaption_error": np.array(errors, dtype=object),
+            "image": np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)}
+
+
+def caption_stats(batch: pa.Table) -> pa.Table:
+    rec = batch.column("recaption").to_pylist()
+    err = batch.column("recaption_error").to_pylist()
+    return pa.table({"rows": [len(rec)], "empty": [sum(1 for r in rec if not r)], "errors": [sum(1 for e in err if e)],
+                     "words": [sum(len(r.split()) for r in rec)]})
+
+
+def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dict[str, Any]:
+    import ray
+
+    from data_prep.models import LlavaCaptioner
+
+    download, filt = inputs["download"], inputs["filter"]
+    _, path_to_shard = tar_shards(download)
+    expected = {s: v["kept"] for s, v in read_shards(filt).items()}
+    t0 = time.time()
+    todo = pending_shards(out, "rows", expected)
+    rows_todo = sum(expected[s] for s in todo)
+    log.info("[recaption] %d shards, %d kept rows; captioning %d rows in %d shards with %s", len(expected),
+             sum(expected.values()), rows_todo, len(todo), cfg.model)
+    if todo:
+        size = cfg.image_size or processor_size(cfg.model)
+        ds = read_tars(download, todo, path_to_shard)
+        ds = ds.map_batches(prepare, batch_format="numpy", batch_size=max(cfg.batch_size, 32),
+                            num_cpus=cfg.prep_num_cpus,
+                            fn_kwargs={"filt": filt, "path_to_shard": path_to_shard, "size": size,
+                                       "max_pixels": cfg.max_image_pixels})
+        ds = ds.map_batches(LlavaCaptioner, batch_format="numpy", batch_size=cfg.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                            fn_constructor_kwargs={"model": cfg.model, "prompt": cfg.prompt,
+                                                   "max_new_tokens": cfg.max_new_tokens},
+                            **actor_resources(cfg.num_gpus, cfg.actor_num_cpus))
+        write_by_shard(ds, out, "rows")
+        still = pending_shards(out, "rows", expected)
+        if still:
+            raise RuntimeError(f"recaption: rows incomplete after the pass for shards {still[:5]}")
+    wall = time.time() - t0
+
+    totals = {"rows": 0, "empty": 0, "errors": 0, "words": 0}
+    if any(expected.values()):
+        for row in (ray.data.read_parquet(out.child("rows"), filesystem=out.fs, partitioning=_hive(),
+                                          columns=["recaption", "recaption_error"])
+                    .map_batches(caption_stats, batch_format="pyarrow").take_all()):
+            for k in totals:
+                totals[k] += row[k]
+    counts = {"rows_in": sum(expected.values()), "rows_out": totals["rows"], "empty_recaptions": totals["empty"],
+              "errors": totals["errors"], "mean_recaption_words": round(totals["words"] / max(totals["rows"], 1), 2),
+              "shards": len(expected), "shards_resumed": len(expected) - len(todo),
+              "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
+    log.info("[recaption] summary: rows in %d, rows out %d, empty %d, errors %d, %.1f rows/s", counts["rows_in"],
+             counts["rows_out"], counts["empty_recaptions"], counts["errors"], counts["rows_per_s"] or 0.0)
+    return counts

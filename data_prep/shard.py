@@ -1,0 +1,244 @@
+"""Stage ``shard``: training-ready shards, every kept image at every training resolution.
+
+The kept rows are put in one global order (input shard id, then ``key``) and cut into final
+shards of ``rows_per_shard`` rows: shard ``i`` holds global rows ``[i*R, (i+1)*R)``. That
+assignment is computed on the driver from the filter's per-shard kept counts alone (one
+integer per input shard), so it is the same on every rerun. Each final shard is built by one
+task of a Ray Data ``map_batches`` over the list of final shards: it reads the rows it needs
+from the download tars, the filter rows and the recaption rows, centre-crops and resizes each
+image to every resolution, and writes its files atomically under deterministic names. A
+rerun builds only the final shards whose files are missing: exactly once by construction.
+
+Output (``i`` = 5-digit final shard index)::
+
+    wds/<i>.tar          WebDataset, one sample per image, ``__key__`` = key:
+                           <key>.<r>.<ext>       the image at r x r, for each r in resolutions
+                           <key>.txt             original caption (cleaned)
+                           <key>.recaption.txt   LLaVA caption ("" when no recaption stage)
+                           <key>.json            sample_id, key, source shard and every score
+    parquet/<i>.parquet  same rows, one column per field:
+                           sample_id, key, source_shard: string
+                           caption, recaption: string
+                           orig_width, orig_height: int32; aspect: float32
+                           clip_sim, aesthetic, pwatermark, punsafe: float32 (null = not scored)
+                           caption_words: int32; sha256: string
+                           <ext>_<r>: binary, encoded image at r x r (e.g. jpg_64), per resolution
+
+Counts: ``rows_in``, ``rows_out``, ``decode_errors``, ``shards``, ``shards_written``,
+``shards_resumed``, ``resolutions``, ``rows_per_s``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep import download as download_mod
+from data_prep import images
+from data_prep.filter import read_shard_rows, read_shards
+from workflows.store import Artifact
+
+log = logging.getLogger("genmodels")
+
+SCORES = ("clip_sim", "aesthetic", "pwatermark", "punsafe")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Settings of the shard stage (``stages.shard``).
+
+    resolutions: square sides written per image (centre crop + antialiased resize), e.g.
+        ``[32, 64, 128]`` for the demo; the model stages read the ones they train at.
+    rows_per_shard: rows per final shard (the last shard may be smaller).
+    image_format / quality: encoding of the resized images (``jpg``/``png``/``webp``).
+    formats: which outputs to write: ``webdataset`` tars and/or ``parquet`` files.
+    num_cpus: CPUs per shard-building task.
+    max_image_pixels: decompression-bomb guard.
+    """
+
+    resolutions: list[int] = field(default_factory=lambda: [64, 256])
+    rows_per_shard: int = 1000
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    quality: int = 95
+    formats: list[Literal["webdataset", "parquet"]] = field(default_factory=lambda: ["webdataset", "parquet"])
+    num_cpus: float = 1.0
+    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        if not self.resolutions or any(r < 8 for r in self.resolutions):
+            raise ValueError(f"resolutions: need at least one side ≥ 8, got {self.resolutions}")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ValueError(f"resolutions: duplicates in {self.resolutions}")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard: must be ≥ 1, got {self.rows_per_shard}")
+        if not self.formats:
+            raise ValueError("formats: need webdataset and/or parquet")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality: must be in 1..100, got {self.quality}")
+
+
+def plan(kept: dict[str, int], rows_per_shard: int) -> list[list[tuple[str, int, int]]]:
+    """Final shards as lists of (input shard, first, stop) ranks into that shard's kept rows."""
+    specs: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    room = rows_per_shard
+    for shard in sorted(kept):
+        pos, n = 0, kept[shard]
+        while pos < n:
+            take = min(room, n - pos)
+            current.append((shard, pos, pos + take))
+            pos += take
+            room -= take
+            if room == 0:
+                specs.append(current)
+                current, room = [], rows_per_shard
+    if current:
+        specs.append(current)
+    return specs
+
+
+def outputs(index: int, cfg: ShardConfig) -> list[str]:
+    """File names of final shard ``index``, in write order (the last one marks it complete)."""
+    names = {"webdataset": f"wds/{index:05d}.tar", "parquet": f"parquet/{index:05d}.parquet"}
+    return [names[f] for f in ("webdataset", "parquet") if f in cfg.formats]
+
+
+def read_images(art: Artifact, tar: str, keys: set[str]) -> dict[str, bytes]:
+    """Image bytes of the wanted img2dataset keys from one download tar (streamed)."""
+    found: dict[str, bytes] = {}
+    with art.fs.open_input_stream(art.child(tar)) as f, tarfile.open(fileobj=f, mode="r|") as t:
+        for member in t:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            if key in keys and ext in ("jpg", "jpeg", "png", "webp"):
+                found[key] = t.extractfile(member).read()
+    return found
+
+
+def build(batch: dict[str, np.ndarray], *, cfg: ShardConfig, download: Artifact, filt: Artifact,
+          recaption: Artifact | None, tars: dict[str, str], out: Artifact) -> dict[str, np.ndarray]:
+    """Build the final shards in ``batch`` (``index`` + ``spec`` json); returns one summary row each."""
+    import webdataset as wds
+
+    summary: dict[str, list] = {"index": [], "rows": [], "decode_errors": [], "bytes": []}
+    ext = cfg.image_format
+    for index, spec in zip(batch["index"], batch["spec"]):
+        rows: list[dict[str, Any]] = []
+        errors = 0
+        for shard, first, stop in json.loads(spec):
+            t = read_shard_rows(filt, "rows", shard)
+            t = t.filter(t.column("keep")).slice(first, stop - first)
+            recaps: dict[str, str] = {}
+            if recaption is not None:
+                r = read_shard_rows(recaption, "rows", shard, ["key", "recaption"])
+                recaps = dict(zip(r.column("key").to_pylist(), r.column("recaption").to_pylist()))
+            part = shard.split("_")[0]
+            raw_keys = {k[len(part) + 1:]: k for k in t.column("key").to_pylist()}
+            data = read_images(download, tars[shard], set(raw_keys))
+            for row in t.to_pylist():
+                raw = row["key"][len(part) + 1:]
+                try:
+                    img = images.decode_rgb(data.get(raw, b""), cfg.max_image_pixels, draft=max(cfg.resolutions))
+                except images.BadImage:
+                    errors += 1
+                    continue
+                w, h = row["orig_width"], row["orig_height"]
+                rec = {"sample_id": row["sample_id"], "key": row["key"], "source_shard": shard,
+                       "caption": row["caption"], "recaption": recaps.get(row["key"], ""),
+                       "orig_width": w, "orig_height": h, "aspect": max(w, h) / max(min(w, h), 1),
+                       **{s: row.get(s) for s in SCORES}, "caption_words": row["caption_words"], "sha256": row["sha256"]}
+                for r in cfg.resolutions:
+                    rec[f"{ext}_{r}"] = images.encode(images.center_crop_resize(img, r), ext, cfg.quality)
+                rows.append(rec)
+        nbytes = 0
+        if "webdataset" in cfg.formats:
+            buf = io.BytesIO()
+            with wds.TarWriter(buf, encoder=False, mtime=0) as sink:  # fixed mtime: byte-identical reruns
+                for rec in rows:
+                    meta = {k: v for k, v in rec.items() if not isinstance(v, bytes) and k not in ("caption", "recaption")}
+                    sample = {"__key__": rec["key"], "txt": rec["caption"].encode(),
+                              "recaption.txt": rec["recaption"].encode(), "json": json.dumps(meta).encode()}
+                    sample.update({f"{r}.{ext}": rec[f"{ext}_{r}"] for r in cfg.resolutions})
+                    sink.write(sample)
+            out.write_bytes(f"wds/{index:05d}.tar", buf.getvalue())
+            nbytes += buf.tell()
+        if "parquet" in cfg.formats:
+            table = pa.Table.from_pylist(rows, schema=schema(cfg))
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            data_bytes = sink.getvalue().to_pybytes()
+            out.write_bytes(f"parquet/{index:05d}.parquet", data_bytes)
+            nbytes += len(data_bytes)
+        summary["index"].append(int(index))
+        summary["rows"].append(len(rows))
+        summary["decode_errors"].append(errors)
+        summary["bytes"].append(nbytes)
+    return {k: np.array(v, dtype=np.int64) for k, v in summary.items()}
+
+
+def schema(cfg: ShardConfig) -> pa.Schema:
+    fields = [("sample_id", pa.string()), ("key", pa.string()), ("source_shard", pa.string()),
+              ("caption", pa.string()), ("recaption", pa.string()), ("orig_width", pa.int32()),
+              ("orig_height", pa.int32()), ("aspect", pa.float32())]
+    fields += [(s, pa.float32()) for s in SCORES]
+    fields += [("caption_words", pa.int32()), ("sha256", pa.string())]
+    fields += [(f"{cfg.image_format}_{r}", pa.binary()) for r in cfg.resolutions]
+    return pa.schema(fields)
+
+
+def run(inputs: dict[str, Artifact], cfg: ShardConfig, out: Artifact) -> dict[str, Any]:
+    import ray
+
+    download, filt, recaption = inputs["download"], inputs["filter"], inputs.get("recaption")
+    kept = {s: v["kept"] for s, v in read_shards(filt).items() if v["kept"]}
+    tars = {r["shard"]: r["tar"] for r in download_mod.read_index(download)}
+    specs = plan(kept, cfg.rows_per_shard)
+    todo = [i for i in range(len(specs)) if not all(out.exists(n) for n in outputs(i, cfg))]
+    rows_todo = sum(b - a for i in todo for _, a, b in specs[i])
+    log.info("[shard] %d kept rows → %d shards of ≤%d rows at %s px; building %d", sum(kept.values()), len(specs),
+             cfg.rows_per_shard, cfg.resolutions, len(todo))
+    t0 = time.time()
+    results: list[dict[str, Any]] = []
+    if todo:
+        items = [{"index": i, "spec": json.dumps(specs[i])} for i in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(build, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
+                            fn_kwargs={"cfg": cfg, "download": download, "filt": filt, "recaption": recaption,
+                                       "tars": tars, "out": out})
+        results = ds.take_all()
+    wall = time.time() - t0
+    # Every shard, including ones built by an earlier (interrupted) run: read the footers.
+    rows_out = 0
+    for i in range(len(specs)):
+        name = outputs(i, cfg)[-1]
+        if name.endswith(".parquet"):
+            with out.fs.open_input_file(out.child(name)) as f:
+                rows_out += pq.read_metadata(f).num_rows
+        else:
+            rows_out += sum(b - a for _, a, b in specs[i])
+    errors = sum(r["decode_errors"] for r in results)
+    if "parquet" not in cfg.formats:
+        rows_out -= errors
+    counts = {"rows_in": sum(kept.values()), "rows_out": rows_out, "decode_errors": errors, "shards": len(specs),
+              "shards_written": len(todo), "shards_resumed": len(specs) - len(todo), "resolutions": list(cfg.resolutions),
+              "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
+    log.info("[shard] summary: rows in %d, rows out %d, decode errors %d, %d shards (%d resumed), %.1f rows/s",
+             counts["rows_in"], rows_out, errors, len(specs), counts["shards_resumed"], counts["rows_per_s"] or 0.0)
+    return counts
+
+
+def read_parquet_shards(art: Artifact) -> pa.Table:
+    """All final parquet shards of a shard artifact (for tests and small consumers)."""
+    tables = [pq.read_table(art.child(n), filesystem=art.fs) for n in art.list(".parquet", subdir="parquet")]
+    return pa.concat_tables(tables) if tables else pa.table({})
+

@@ -1,0 +1,173 @@
+"""Data-prep stage logic without Ray: configs, planning, reasons, dedup, per-shard bookkeeping."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep import download, recaption, shard
+from data_prep import filter as filt
+from workflows.config import ConfigError, build
+from workflows.store import Store
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("cls,data,message", [
+    (download.DownloadConfig, {"rows_per_shard": 10, "rows_per_partition": 25},
+     "stages.download.rows_per_partition: must be a multiple of rows_per_shard (10), got 25"),
+    (download.DownloadConfig, {"resize_mode": "stretch"}, "stages.download.resize_mode: expected one of"),
+    (filt.FilterConfig, {"near_dup_threshold": 1.5}, "stages.filter.near_dup_threshold: must be in [0, 1]"),
+    (filt.FilterConfig, {"aesthetic_head": "/no/such/head.safetensors"},
+     "stages.filter.aesthetic_head: file not found: /no/such/head.safetensors"),
+    (filt.FilterConfig, {"batch_size": 0}, "stages.filter.batch_size: must be ≥ 1, got 0"),
+    (recaption.RecaptionConfig, {"prompt": "Describe it."}, "stages.recaption.prompt: must contain '<image>'"),
+    (shard.ShardConfig, {"resolutions": [64, 64]}, "stages.shard.resolutions: duplicates in [64, 64]"),
+    (shard.ShardConfig, {"formats": ["zip"]}, "stages.shard.formats[0]: expected one of"),
+])
+def test_bad_config_names_the_key(cls, data, message):
+    with pytest.raises(ConfigError) as e:
+        build(cls, data, f"stages.{cls.__module__.rsplit('.', 1)[1]}")
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_defaults_are_valid_and_laion_like():
+    f = build(filt.FilterConfig, {}, "stages.filter")
+    assert (f.min_clip_sim, f.min_aesthetic, f.max_pwatermark, f.max_punsafe, f.min_side) == (0.28, 5.0, 0.5, 0.99, 512)
+    assert f.heads() == {"aesthetic": None, "pwatermark": None, "punsafe": None}
+    build(download.DownloadConfig, {}, "stages.download")
+    build(recaption.RecaptionConfig, {}, "stages.recaption")
+    build(shard.ShardConfig, {"resolutions": [32, 64, 128]}, "stages.shard")
+
+
+# --------------------------------------------------------------------------------------------- download
+
+
+@pytest.mark.parametrize("status,error,reason", [
+    ("failed_to_download", "HTTP Error 404: Not Found", "http_error"),
+    ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "network_error"),
+    ("failed_to_download", "timed out", "network_error"),
+    ("failed_to_download", "unknown url type: 'not-a-url'", "bad_url"),
+    ("failed_to_resize", "Image decoding error", "decode_error"),
+    ("failed_to_resize", "OpenCV(4.14.0) ... !buf.empty() in function 'imdecode_'", "decode_error"),
+    ("failed_to_resize", "image too small", "too_small"),
+    ("failed_to_resize", "image area too large", "too_large"),
+    ("failed_to_resize", "aspect ratio too large", "bad_aspect"),
+    ("failed_to_download", "something new", "other"),
+])
+def test_failure_reasons(status, error, reason):
+    assert download.failure_reason(status, error) == reason
+
+
+def _urls_artifact(tmp_path, table, name="urls.parquet", row_group_size=None):
+    art = Store(str(tmp_path)).artifact("urls", "k")
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size)
+    art.write_bytes(name, buf.getvalue())
+    return art
+
+
+def test_partitions_and_slices_are_deterministic(tmp_path):
+    n = 23
+    table = pa.table({"url": [f"http://x/{i}" for i in range(n)], "caption": [f"c{i}" for i in range(n)]})
+    art = _urls_artifact(tmp_path, table, row_group_size=4)
+    cfg = build(download.DownloadConfig, {"rows_per_partition": 10, "rows_per_shard": 5}, "d")
+    parts = download.plan_partitions(art, cfg)
+    assert [(p.name, p.start, p.stop) for p in parts] == [("00000", 0, 10), ("00001", 10, 20), ("00002", 20, 23)]
+    got = [download.read_slice(art, p.file, p.start, p.stop).column("url").to_pylist() for p in parts]
+    assert [u for g in got for u in g] == table.column("url").to_pylist()
+
+
+def test_missing_url_column_is_named(tmp_path):
+    art = _urls_artifact(tmp_path, pa.table({"URL": ["http://x"], "caption": ["c"]}))
+    with pytest.raises(ValueError, match=r"download.url_col: urls.parquet has no column 'url' \(columns: URL, caption\)"):
+        download.plan_partitions(art, download.DownloadConfig())
+
+
+def test_url_table_renames_reserved_and_fills_nulls():
+    t = pa.table({"url": ["http://a", None], "caption": [None, "x"], "width": [1, 2], "sample_id": ["a", "b"]})
+    out = download._url_table(t, download.DownloadConfig())
+    assert out.column_names == ["url", "caption", "src_width", "sample_id"]
+    assert out.column("url").to_pylist() == ["http://a", ""] and out.column("caption").to_pylist() == ["", "x"]
+
+
+# --------------------------------------------------------------------------------------------- filter
+
+
+def _scores(n=6, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    emb[3] = emb[1] + 0.001  # near duplicate of row 1
+    emb[4] = emb[2]  # exact duplicate of row 2 (same bytes below)
+    sha = [f"h{i}" for i in range(n)]
+    sha[4] = sha[2]
+    return pa.table({
+        "shard": ["00000_00000"] * n, "key": [f"00000_{i:06d}" for i in range(n)],
+        "image_error": ["", "", "", "", "", "decode_error"],
+        "orig_width": [600, 600, 100, 600, 100, 0], "orig_height": [600, 700, 900, 600, 900, 0],
+        "caption_words": [3, 3, 3, 0, 3, 3], "caption_chars": [10] * n, "caption_latin": [1.0] * n,
+        "clip_sim": [0.3, 0.4, 0.5, 0.4, 0.5, 0.0], "sha256": sha,
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
+        "aesthetic": pa.array([6.0, 4.0, 6.0, 6.0, 6.0, None], pa.float32()),
+        "pwatermark": pa.nulls(n, pa.float32()), "punsafe": pa.nulls(n, pa.float32()),
+    })
+
+
+def test_decide_reasons_and_duplicates():
+    cfg = build(filt.FilterConfig, {"min_side": 512, "min_aesthetic": 5.0, "near_dup_threshold": 0.95}, "f")
+    out = filt.decide(_scores(), cfg=cfg)
+    assert "embedding" not in out.column_names
+    got = dict(zip(out.column("key").to_pylist(), out.column("reject").to_pylist()))
+    assert got == {"00000_000000": "", "00000_000001": "aesthetic", "00000_000002": "too_small",
+                   "00000_000003": "caption_empty", "00000_000004": "too_small", "00000_000005": "decode_error"}
+    # Duplicates are judged among rows that pass every threshold.
+    cfg = build(filt.FilterConfig, {"min_side": 0, "min_aesthetic": 0.0, "near_dup_threshold": 0.95,
+                                    "min_caption_words": 0}, "f")
+    t = _scores()
+    t = t.set_column(t.column_names.index("caption_words"), "caption_words", pa.array([3] * 6, pa.int32()))
+    out = filt.decide(t, cfg=cfg)
+    rows = {k: (r, d) for k, r, d in zip(out.column("key").to_pylist(), out.column("reject").to_pylist(),
+                                         out.column("dup_of").to_pylist())}
+    assert rows["00000_000004"] == ("dup_exact", "00000_000002")
+    assert rows["00000_000003"] == ("dup_near", "00000_000001")
+    assert out.column("keep").to_pylist() == [True, True, True, False, False, False]
+    # Heads that are not configured (null) never reject.
+    cfg = build(filt.FilterConfig, {"min_side": 0, "near_dup_threshold": 0.0, "dedup_exact": False}, "f")
+    t = t.set_column(t.column_names.index("aesthetic"), "aesthetic", pa.nulls(6, pa.float32()))
+    assert filt.decide(t, cfg=cfg).column("keep").to_pylist() == [True] * 5 + [False]
+
+
+def test_near_duplicates_keep_the_first_of_each_group():
+    x = np.array([[1, 0], [1, 0.01], [0, 1], [0.7, 0.7], [0, 1.0]], np.float32)
+    assert filt.near_duplicates(x, 0.99) == {1: 0, 4: 2}
+    assert filt.near_duplicates(x, 0.99, chunk=2) == {1: 0, 4: 2}  # chunking changes nothing
+    assert filt.near_duplicates(x, 1.01) == {}
+
+
+def test_pending_shards_deletes_incomplete_output(tmp_path):
+    art = Store(str(tmp_path)).artifact("filter", "k")
+    for name, n in (("a", 3), ("b", 2)):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"key": [f"{name}{i}" for i in range(n)]}), buf)
+        art.write_bytes(f"rows/shard={name}/x.parquet", buf.getvalue())
+    art.write_bytes("rows/shard=c/x.parquet", b"PAR1 cut short")  # a crash mid-write
+    assert filt.written_rows(art, "rows") == {"a": 3, "b": 2, "c": -1}
+    pending = filt.pending_shards(art, "rows", {"a": 3, "b": 5, "c": 1, "d": 0})
+    assert pending == ["b", "c"]
+    assert filt.written_rows(art, "rows") == {"a": 3}
+    assert filt.read_shard_rows(art, "rows", "a").column("key").to_pylist() == ["a0", "a1", "a2"]
+
+
+# --------------------------------------------------------------------------------------------- shard
+
+
+def test_shard_plan_cuts_global_order_into_fixed_sizes():
+    specs = shard.plan({"b": 3, "a": 4, "c": 0, "d": 2}, 3)
+    assert specs == [[("a", 0, 3)], [("a", 3, 4), ("b", 0, 2)], [("b", 2, 3), ("d", 0, 2)]]
+    assert shard.plan({}, 5) == []
+    cfg = build(shard.ShardConfig, {"formats": ["parquet", "webdataset"]}, "s")
+    assert shard.outputs(7, cfg) == ["wds/00007.tar", "parquet/00007.parquet"]  # parquet (the marker) last

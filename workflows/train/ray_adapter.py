@@ -1,0 +1,162 @@
+"""Ray Train glue: ``fit()`` runs ``loop.run`` on every worker of a TorchTrainer.
+
+Storage is the output artifact itself (``{out}/ray_train/``, local or S3), so resuming is
+re-running the same command: a TorchTrainer built again with the same RunConfig name and
+storage path finds its checkpoint snapshot there and ``ray.train.get_checkpoint()`` returns
+the latest checkpoint (Train V2 has no ``resume_from_checkpoint``). ``max_failures``
+restarts the worker group from the same place within one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from workflows.store import Artifact
+from workflows.train import loop
+from workflows.train.config import TrainConfig
+from workflows.train.loop import TrainSpec
+
+log = logging.getLogger("genmodels.train")
+
+RUN_NAME = "ray_train"  # {out}/ray_train/: Ray Train's run directory inside the artifact
+
+
+class DirCheckpoints:
+    """Checkpoints as ``{out}/{prefix}/checkpoint_{step:08d}/`` plus a ``latest.json`` pointer:
+    the store of local mode (num_workers=0) and of unit tests. No Ray needed."""
+
+    def __init__(self, out: Artifact, keep: int = 2, prefix: str = "ray_train"):
+        self.out, self.keep, self.prefix = out, keep, prefix
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[str | None]:
+        pointer = f"{self.prefix}/latest.json"
+        if not self.out.exists(pointer):
+            yield None
+            return
+        name = f"{self.prefix}/{self.out.read_json(pointer)['checkpoint']}"
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            yield self.out.download_dir(name, tmp)
+
+    def save(self, local_dir: str, step: int, metrics: dict[str, Any]) -> None:
+        name = f"checkpoint_{step:08d}"
+        self.out.upload_dir(local_dir, prefix=f"{self.prefix}/{name}")
+        self.out.write_json(f"{self.prefix}/latest.json", {"checkpoint": name, "step": step, "metrics": metrics})
+        done = sorted({n.split("/")[1] for n in self.out.list(subdir=self.prefix) if n.count("/") >= 2})
+        for old in [d for d in done if d.startswith("checkpoint_") and d < name][: max(len(done) - self.keep, 0)]:
+            self.out.fs.delete_dir(self.out.child(f"{self.prefix}/{old}"))
+
+
+class RayCheckpoints:
+    """Every rank reports its own part of a checkpoint; Ray merges them in storage."""
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as path:
+            yield path
+
+    def save(self, local_dir: str, step: int, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def _drop_rows(batch: dict[str, Any], skip: Any, id_col: str) -> dict[str, Any]:
+    import numpy as np
+
+    keep = ~np.isin(batch[id_col], skip)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _remaining(ds: Any, skip: Any, id_col: str, rank: int, world: int) -> Any:
+    """A resumed epoch: the rows of ``ds`` not yet trained on, split equally over the workers.
+
+    Ray Train's own split cannot be filtered per epoch, and filtering each worker's shard
+    afterwards would leave workers unbalanced (one may have consumed its whole shard), so
+    rank 0 splits the remainder once and hands the iterators out (a collective).
+    """
+    ds = ds() if callable(ds) else ds  # Ray Train accepts dataset factories too
+    rest = ds.map_batches(_drop_rows, fn_kwargs={"skip": skip, "id_col": id_col}, batch_format="numpy")
+    if world == 1:
+        return rest
+    import torch.distributed as dist
+
+    box = [rest.streaming_split(world, equal=True) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0][rank]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    spec: TrainSpec = config["spec"]
+    cfg: TrainConfig = config["cfg"]
+    out: Artifact = config["out"]
+    local = cfg.num_workers == 0
+    rank = ray.train.get_context().get_world_rank()
+    shards = {name: ray.train.get_dataset_shard(name) for name in config["dataset_names"]}
+    train = shards.pop("train", None)
+
+    def data(epoch: int, skip):
+        source = train if skip is None else _remaining(config["train_dataset"], skip, spec.id_column, rank,
+                                                      cfg.world_size)
+        shuffle = {}
+        if cfg.shuffle_buffer:
+            shuffle = {"local_shuffle_buffer_size": cfg.shuffle_buffer,
+                       "local_shuffle_seed": cfg.seed + 1000 * epoch + rank}
+        return source.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", **shuffle)
+
+    import torch
+
+    if cfg.use_gpu and not local:
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda", 0) if cfg.use_gpu else torch.device("cpu")
+    return loop.run(spec, cfg, out, checkpoints=DirCheckpoints(out, cfg.ckpt_keep, RUN_NAME) if local else RayCheckpoints(),
+                    data=data if train is not None else None, extra_data=shards,
+                    model_config=config["model_config"], device=device)
+
+
+def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, Any] | None = None,
+        model_cfg_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``spec`` on ``datasets["train"]`` (others reach ``ctx.data``) and export into ``out``.
+
+    Returns the counts for the stage manifest (steps, images, final_loss, wall_s, images_per_s, ...).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    datasets = dict(datasets or {})
+    if datasets and "train" not in datasets:
+        raise ValueError(f"datasets: expected a 'train' entry, got {sorted(datasets)}")
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    run_config = ray.train.RunConfig(
+        name=RUN_NAME, storage_path=out.path, storage_filesystem=out.fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ckpt_keep))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "cfg": cfg, "out": out, "model_config": model_cfg_json or {},
+                           "dataset_names": sorted(datasets), "train_dataset": datasets.get("train")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=run_config, datasets=datasets or None)
+    result = trainer.fit()
+    summary = result.return_value
+    if summary is None:  # rank 0 always returns the summary; read it back if Ray lost it
+        summary = out.read_json("metrics.json")
+    return summary

@@ -1,0 +1,130 @@
+"""A tiny synthetic task for the adapter's tests and benchmark: denoise low-rank 8x8 images.
+
+Rows are a pure function of ``row_id``, so a Ray Dataset (``dataset``) and an in-process
+numpy source (``numpy_source``) hold the same data. ``spec(two_groups=True)`` adds a small
+critic trained adversarially against the denoiser (a second optimizer group, as in PaGoDA).
+Test hooks: ``record_dir`` appends every micro-batch's ids and a parameter checksum per
+worker; ``fail_at_step`` raises once on ``fail_rank`` while ``fail_flag`` (a file) exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workflows.train.config import TrainConfig
+from workflows.train.loop import OptimGroup, TrainContext, TrainSpec
+
+SIGMA = 0.5  # noise level of the denoising task
+
+
+def rows_for_ids(ids: np.ndarray, image_size: int = 8, rank: int = 4) -> dict[str, np.ndarray]:
+    """Images = tanh(coefficients(id) . fixed basis): learnable, and identical everywhere."""
+    basis = np.random.default_rng(1234).standard_normal((rank, 3, image_size, image_size)).astype(np.float32)
+    coef = np.stack([np.random.default_rng(int(i)).uniform(-1, 1, rank) for i in ids]).astype(np.float32)
+    images = np.tanh(0.7 * np.einsum("nr,rchw->nchw", coef, basis))
+    return {"row_id": np.asarray(ids, dtype=np.int64), "image": images.astype(np.float32)}
+
+
+def numpy_source(n_rows: int, batch_size: int, shuffle_seed: int | None = 0,
+                 image_size: int = 8) -> Callable[..., Iterator[dict[str, np.ndarray]]]:
+    """``data(epoch, skip)`` for ``loop.run`` without Ray: a seeded permutation per epoch. It
+    ignores ``skip`` on purpose, so tests exercise the loop's own filtering."""
+    rows = rows_for_ids(np.arange(n_rows), image_size)
+
+    def data(epoch: int, skip: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+        order = np.arange(n_rows)
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed + epoch).permutation(n_rows)
+        for i in range(0, n_rows, batch_size):
+            idx = order[i:i + batch_size]
+            yield {k: v[idx] for k, v in rows.items()}
+
+    return data
+
+
+def dataset(n_rows: int, blocks: int = 4, image_size: int = 8):
+    """The same rows as a Ray Dataset (columns row_id, image)."""
+    import ray.data
+
+    return ray.data.range(n_rows, override_num_blocks=blocks).map_batches(
+        lambda b: rows_for_ids(b["id"], image_size), batch_format="numpy")
+
+
+class Denoiser(nn.Module):
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(channels, 3, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
+
+
+class Critic(nn.Module):
+    def __init__(self, channels: int = 16, image_size: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
+                                 nn.Linear(channels * (image_size // 2) ** 2, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(1)
+
+
+def param_checksum(module: nn.Module) -> float:
+    """Sum of this worker's parameter values (its ZeRO-3 partition when partitioned)."""
+    return float(sum(getattr(p, "ds_tensor", p).detach().double().sum() for p in module.parameters()))
+
+
+def spec(channels: int = 32, two_groups: bool = False, adv_weight: float = 0.05, record_dir: str | None = None,
+         fail_at_step: int | None = None, fail_flag: str | None = None, fail_rank: int = 1) -> TrainSpec:
+    def build_models(cfg: TrainConfig) -> dict[str, nn.Module]:
+        models: dict[str, nn.Module] = {"denoiser": Denoiser(channels)}
+        if two_groups:
+            models["critic"] = Critic()
+        return models
+
+    def step(ctx: TrainContext, batch: dict[str, Any] | None, step: int) -> dict[str, Any]:
+        if fail_at_step is not None and step == fail_at_step and ctx.rank == fail_rank and ctx.micro == 0 \
+                and fail_flag and os.path.exists(fail_flag):
+            os.remove(fail_flag)
+            raise RuntimeError(f"injected failure at step {step}")
+        if record_dir:
+            rec = {"step": step, "micro": ctx.micro, "ids": batch["row_id"].tolist()}
+            if ctx.micro == 0:  # the weights every worker starts this step from
+                rec["checksum"] = param_checksum(ctx.models["denoiser"])
+            with open(os.path.join(record_dir, f"rank{ctx.rank}.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        x = batch["image"]
+        den = ctx.models["denoiser"](x + SIGMA * torch.randn_like(x))
+        mse = F.mse_loss(den, x)
+        out = {"loss": mse.detach()}
+        if not two_groups:
+            ctx.backward_step("denoiser", mse)
+            return out
+        critic = ctx.models["critic"]
+        with ctx.trainable("denoiser"):
+            adv = (critic(den) - 1).pow(2).mean()  # least-squares GAN, generator side
+        ctx.backward_step("denoiser", mse + adv_weight * adv)
+        lc = (critic(x) - 1).pow(2).mean() + critic(den.detach()).pow(2).mean()
+        ctx.backward_step("critic", lc)
+        out.update(loss_adv=adv.detach(), loss_critic=lc.detach())
+        return out
+
+    def sample(models: dict[str, nn.Module], n: int, generator: torch.Generator) -> Tensor:
+        device = next(models["denoiser"].parameters()).device
+        x = torch.randn(n, 3, 8, 8, generator=generator, device=device)
+        return models["denoiser"](x).clamp(-1, 1)
+
+    groups = {"denoiser": OptimGroup(("denoiser",))}
+    if two_groups:
+        groups["critic"] = OptimGroup(("critic",), lr_mult=0.5, betas=(0.5, 0.99))
+    return TrainSpec(build_models=build_models, optimizers=groups, step=step, sample=sample)
