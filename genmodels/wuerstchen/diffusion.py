@@ -128,7 +128,7 @@ def sample(
     ts: Tensor,
     uncond: dict[str, Tensor] | None = None,
     guidance: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     x_init: Tensor | None = None,
     device=None,
     dtype: torch.dtype = torch.float32,
@@ -136,12 +136,20 @@ def sample(
     """DDPM-style sampler from ts[0] (normally 1) down to ts[-1] (normally 0).
 
     ts: 1-D tensor of steps + 1 noise levels. Deterministic for a given `generator`
-    (all noise is drawn from it on `device`).
+    (all noise is drawn from it on `device`). A list of generators splits the batch into equal
+    consecutive parts, one generator each (e.g. one per prompt, so that a prompt's images depend
+    on its own seed only, whatever else shares the batch).
     """
     device = device if device is not None else next(iter(cond.values())).device
+    gens = generator if isinstance(generator, (list, tuple)) else None
+    if gens is not None and shape[0] % len(gens):
+        raise ValueError(f"batch {shape[0]} does not split into {len(gens)} equal generator parts")
 
     def randn() -> Tensor:
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if gens is None:
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        part = (shape[0] // len(gens), *shape[1:])
+        return torch.cat([torch.randn(part, generator=g, device=device, dtype=dtype) for g in gens])
 
     x = randn() if x_init is None else x_init.to(device, dtype)
     ts = ts.to(device=device, dtype=torch.float32)

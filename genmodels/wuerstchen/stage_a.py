@@ -143,16 +143,30 @@ def vqgan_loss(
     recon: str = "mse",
     perceptual_weight: float = 1.0,
     vq_weight: float = 1.0,
+    unquantized_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Stage A objective on images x in [-1, 1]: recon + w_p * perceptual + w_vq * VQ.
+    """Stage A objective on images x in [-1, 1]: recon + w_p * perceptual + w_vq * VQ (+ w_u * recon_u).
 
     `perceptual` is any frozen feature network mapping images in [-1, 1] to a tensor (or a
     list of tensors); its loss is the MSE between features of x and of the reconstruction.
+    `unquantized_weight` adds the reconstruction error of the *unquantized* latent, which is how
+    v2 uses Stage A downstream; with the paper's 8192 codes the two nearly coincide, but a small
+    or young codebook leaves the decoder unable to read continuous latents without it.
     """
-    x_hat, vq = model(x)
-    rec = F.l1_loss(x_hat, x) if recon == "l1" else F.mse_loss(x_hat, x)
+    h = model._encode_raw(x)
+    q, vq, _ = model.quantizer(h)
+    x_hat = model._decode_raw(q)
+
+    def err(a: Tensor) -> Tensor:
+        return F.l1_loss(a, x) if recon == "l1" else F.mse_loss(a, x)
+
+    rec = err(x_hat)
     loss = rec + vq_weight * vq
     logs = {"recon": rec.item(), "vq": vq.item()}
+    if unquantized_weight:
+        rec_u = err(model._decode_raw(h))
+        loss = loss + unquantized_weight * rec_u
+        logs["recon_unquantized"] = rec_u.item()
     if perceptual is not None:
         fa, fb = perceptual(x_hat), perceptual(x)
         fa, fb = (fa, fb) if isinstance(fa, (list, tuple)) else ([fa], [fb])

@@ -35,6 +35,7 @@ class StageALossConfig:
     recon: str = "mse"  # "mse" or "l1"
     perceptual_weight: float = 1.0
     vq_weight: float = 1.0
+    unquantized_weight: float = 0.0  # > 0: also reconstruct from the unquantized latent (v2 decodes it)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def stage_a_loss(models: dict[str, nn.Module], batch: dict[str, Tensor], cfg: St
     return vqgan_loss(
         models["stage_a"], batch["image"], models.get("perceptual"),
         recon=cfg.recon, perceptual_weight=cfg.perceptual_weight, vq_weight=cfg.vq_weight,
+        unquantized_weight=cfg.unquantized_weight,
     )
 
 

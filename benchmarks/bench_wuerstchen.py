@@ -1,0 +1,267 @@
+"""Würstchen throughput and latency: Stage C / Stage B training and three-stage sampling.
+
+    python benchmarks/bench_wuerstchen.py                                  # tiny presets (CPU: seconds)
+    python benchmarks/bench_wuerstchen.py --preset paper --resolution 1024 --batch-b 4 --batch-c 32 \\
+        --peak-tflops 989                                                  # one H100, bf16
+
+Training: one optimizer step = forward + backward + AdamW of Stage C alone, and of Stage B with the
+jointly trained semantic compressor (its images go through the compressor; Stage A latents are
+precomputed, as in the pipeline). Throughput in images/s; MFU = model FLOPs per step (counted by
+``torch.utils.flop_counter`` on one forward+backward) × steps/s ÷ the peak you pass (bf16 dense:
+H100 SXM 989, A100 312 TFLOP/s). bf16 autocast on GPU, fp32 on CPU.
+
+Sampling: text states → Stage C (29 steps on the paper's schedule, CFG 4: two passes per step,
+batched) → Stage B (12 steps, no CFG) → Stage A decode, timed per stage, plus one network pass of
+each stage for reference. Text encoders are not timed (random token states of the right width).
+
+``--flops-only`` builds the networks on the meta device (no memory, any preset, no GPU) and prints
+the model FLOPs per image of one training step and the throughput they imply at a given MFU.
+
+Prints a table and appends one JSON line per run to benchmarks/results.jsonl (device name included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from genmodels.wuerstchen import (
+    SemanticCompressor,
+    StageA,
+    StageB,
+    StageC,
+    sample_stage_b,
+    sample_stage_c,
+    stage_b_loss,
+    stage_c_loss,
+)
+from genmodels.wuerstchen.diffusion import eps_loss, stage_c_timesteps
+from workflows.wuerstchen_encode import TextEncoderConfig
+from workflows.wuerstchen_stages import model_config
+
+TEXT = {"tiny": ("tiny-clip", "tiny-clip"), "paper": ("ViT-bigG-14", "ViT-H-14")}  # (C, B)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    return f"CPU {model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def build(preset: str, resolution: int, device: torch.device, grad_ckpt: bool):
+    w_c, w_b = (TextEncoderConfig(n).width for n in TEXT[preset])
+    comp = SemanticCompressor(dataclasses.replace(model_config("compressor", preset), pretrained=False))
+    sem_hw = comp.latent_size((resolution, resolution))
+    nets = {
+        "stage_a": StageA(model_config("stage_a", preset)),
+        "compressor": comp,
+        "stage_b": StageB(model_config("stage_b", preset, c_clip=w_b, grad_checkpointing=grad_ckpt)),
+        "stage_c": StageC(model_config("stage_c", preset, c_clip=w_c, grad_checkpointing=grad_ckpt)),
+    }
+    return {k: v.to(device) for k, v in nets.items()}, sem_hw, (w_c, w_b)
+
+
+def train_bench(name, models, trained, make_batch, loss_fn, steps, warmup, device, bf16, peak):
+    params = [p for m in trained for p in models[m].parameters()]
+    for m in models.values():
+        m.train(False)
+    for m in trained:
+        models[m].train()
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    batch = make_batch()
+    n = next(iter(batch.values())).shape[0]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = loss_fn(models, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as fc:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = loss_fn(models, batch)
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    flops = fc.get_total_flops()
+    for _ in range(warmup):
+        step()
+    t0 = sync(device)
+    for _ in range(steps):
+        step()
+    dt = (sync(device) - t0) / steps
+    row = {"bench": f"train_{name}", "batch": n, "step_s": dt, "images_per_s": n / dt,
+           "tflops_per_step": flops / 1e12, "achieved_tflops": flops / dt / 1e12,
+           "params_m": sum(p.numel() for p in params) / 1e6}
+    if peak:
+        row["mfu"] = flops / dt / (peak * 1e12)
+    if device.type == "cuda":
+        row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+@torch.no_grad()
+def sample_bench(models, sem_hw, widths, resolution, n, steps_b, device, bf16, repeats):
+    w_c, w_b = widths
+    g = torch.Generator(device=device).manual_seed(0)
+    text_c, text_b = torch.randn(n, 77, w_c, device=device), torch.randn(n, 77, w_b, device=device)
+    unc_c = torch.randn(1, 77, w_c, device=device)  # Stage B samples without CFG (guidance 0)
+    lat_hw = (resolution // 4,) * 2
+    for m in models.values():
+        m.eval()
+    rows, times = [], {"stage_c": [], "stage_b": [], "stage_a": []}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for r in range(repeats + 1):  # the first round warms up (kernels, allocator)
+            t = [sync(device)]
+            z = sample_stage_c(models, text_c, unc_c, sem_size=sem_hw, steps=stage_c_timesteps(), guidance=4.0,
+                               generator=g)
+            t.append(sync(device))
+            lat = sample_stage_b(models, z, text_b, latent_size=lat_hw, steps=steps_b, guidance=0.0, generator=g)
+            t.append(sync(device))
+            models["stage_a"].decode(lat)
+            t.append(sync(device))
+            if r:
+                for k, a, b in zip(times, t, t[1:]):
+                    times[k].append(b - a)
+        # one network pass per stage (Stage C with its CFG pair, as one sampling step runs it)
+        x_c = torch.randn(2 * n, 16, *sem_hw, device=device)
+        r_c = torch.full((2 * n,), 0.5, device=device)
+        x_b, r_b = torch.randn(n, 4, *lat_hw, device=device), torch.full((n,), 0.5, device=device)
+        one = {
+            "stage_c": lambda: models["stage_c"](x_c, r_c, torch.cat([text_c, unc_c.expand_as(text_c)])),
+            "stage_b": lambda: models["stage_b"](x_b, r_b, z, text_b),
+            "stage_a": lambda: models["stage_a"].decode(lat),
+        }
+        for k, fn in one.items():
+            fn()
+            t0 = sync(device)
+            for _ in range(repeats):
+                fn()
+            one[k] = (sync(device) - t0) / repeats
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    for k, steps in (("stage_c", 29), ("stage_b", steps_b), ("stage_a", 1)):
+        rows.append({"bench": f"sample_{k}", "batch": n, "steps": steps, "seconds": med[k], "one_pass_s": one[k]})
+    rows.append({"bench": "sample_total", "batch": n, "steps": 29 + steps_b, "seconds": sum(med.values()),
+                 "images_per_s": n / sum(med.values())})
+    return rows
+
+
+def flops_per_image(preset: str, resolution: int) -> dict[str, float]:
+    """Forward+backward FLOPs of one image, counted on the meta device (the step functions' .item()
+    logging cannot run there, so the same network calls are made through eps_loss directly)."""
+    dev = torch.device("meta")
+    with dev:
+        models, sem_hw, (w_c, w_b) = build(preset, resolution, dev, False)
+        lat = resolution // 4
+        calls = {
+            "stage_c": lambda: eps_loss(models["stage_c"], torch.randn(1, 16, *sem_hw),
+                                        {"text": torch.randn(1, 77, w_c)})[0],
+            "stage_b+compressor": lambda: eps_loss(models["stage_b"], torch.randn(1, 4, lat, lat), {
+                "sem": models["compressor"](torch.randn(1, 3, resolution, resolution)),
+                "text": torch.randn(1, 77, w_b)})[0],
+        }
+        out = {}
+        for k, fn in calls.items():
+            with FlopCounterMode(display=False) as fc:
+                fn().backward()
+            out[k] = fc.get_total_flops()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    p.add_argument("--resolution", type=int, default=64, help="image size (paper: 1024)")
+    p.add_argument("--batch-b", type=int, default=8)
+    p.add_argument("--batch-c", type=int, default=16)
+    p.add_argument("--sample-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed sampling rounds (median)")
+    p.add_argument("--steps-b", type=int, default=12)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 dense peak for MFU (H100 SXM 989); default 989 on GPU, none on CPU")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device and stop")
+    p.add_argument("--mfu", type=float, default=0.4, help="--flops-only: the MFU to project images/s at")
+    args = p.parse_args(argv)
+    if args.flops_only:
+        peak = args.peak_tflops or 989.0
+        print(f"Würstchen {args.preset} @ {args.resolution}px: training FLOPs per image (fwd+bwd), "
+              f"images/s at MFU {args.mfu} of {peak} TFLOP/s")
+        for k, f in flops_per_image(args.preset, args.resolution).items():
+            print(f"  {k:<22}{f / 1e9:>12.2f} GFLOP/image{args.mfu * peak * 1e12 / f:>14.1f} images/s")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    bf16 = device.type == "cuda"
+    peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)
+    torch.manual_seed(0)
+    models, sem_hw, (w_c, w_b) = build(args.preset, args.resolution, device, args.grad_checkpointing)
+    r, lat = args.resolution, args.resolution // 4
+
+    def batch_c():
+        n = args.batch_c
+        return {"latent_sem": torch.randn(n, 16, *sem_hw, device=device),
+                "text_tokens": torch.randn(n, 77, w_c, device=device)}
+
+    def batch_b():
+        n = args.batch_b
+        return {"latent_a": torch.randn(n, 4, lat, lat, device=device),
+                "image_sem": torch.rand(n, 3, r, r, device=device) * 2 - 1,
+                "text_tokens": torch.randn(n, 77, w_b, device=device)}
+
+    rows = [train_bench("stage_c", models, ["stage_c"], batch_c, stage_c_loss, args.steps, args.warmup, device, bf16,
+                        peak),
+            train_bench("stage_b+compressor", models, ["stage_b", "compressor"], batch_b, stage_b_loss, args.steps,
+                        args.warmup, device, bf16, peak)]
+    rows += sample_bench(models, sem_hw, (w_c, w_b), r, args.sample_batch, args.steps_b, device, bf16, args.repeats)
+    from workflows.runner import code_version
+
+    meta = {"bench": "wuerstchen", "device": device_name(device), "commit": code_version(), "preset": args.preset, "resolution": r, "sem_size": list(sem_hw),
+            "precision": "bf16" if bf16 else "fp32", "peak_tflops": peak, "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(f"Würstchen {args.preset} @ {r}px on {meta['device']} ({meta['precision']}); semantic latent {sem_hw}")
+    print(f"{'bench':<26}{'batch':>6}{'steps':>6}{'seconds':>10}{'img/s':>10}{'TFLOP/step':>12}{'MFU':>8}"
+          f"{'1 pass s':>10}")
+    def cell(x, key, width, fmt):
+        return f"{format(x[key], fmt) if key in x else '-':>{width}}"
+
+    for x in rows:
+        sec = x.get("seconds", x.get("step_s"))
+        print(f"{x['bench']:<26}{x['batch']:>6}{x.get('steps', 1):>6}{sec:>10.4f}" + cell(x, "images_per_s", 10, ".1f")
+              + cell(x, "tflops_per_step", 12, ".4f") + cell(x, "mfu", 8, ".3f") + cell(x, "one_pass_s", 10, ".4f"))
+    if not args.no_save:
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps({**meta, "rows": rows}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
