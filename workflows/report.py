@@ -73,7 +73,7 @@ def grids(arts: dict[str, Artifact]) -> dict[str, list[str]]:
     for name, art in arts.items():
         if not art.manifest:
             continue
-        pngs = [n for n in art.list(".png") if "grid" in n or "preview" in n or n.startswith("samples")]
+        pngs = [n for n in art.list(".png") if "/" not in n and ("grid" in n or "preview" in n)]
         if pngs:
             out[name] = pngs
     return out

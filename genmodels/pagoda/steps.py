@@ -163,6 +163,7 @@ def generator_loss(models: dict, batch: dict, cfg: PagodaConfig, step: int = 0) 
             if l_rec is None and cfg.adaptive and w.requires_grad:
                 l_rec_head = rec_loss(feats, gen.forward_split(z, omega=omega0, trunk_grad=False, **cond), x)
                 rec_norm = last_layer_grad_norm(l_rec_head, w)
+                logs["l_rec"] = l_rec_head.detach()  # L_rec at the current weights, so every step logs it
             lam = _lambda(cfg, l_rec, l_adv, w, rec_norm)
             loss = loss + cfg.w_adv * lam * l_adv
             logs.update(l_adv=l_adv.detach(), lambda_adv=lam)

@@ -1,0 +1,353 @@
+"""PaGoDA pipeline stages (arXiv 2405.14822): a low-resolution teacher, its PF-ODE inversion, a
+one-step generator distilled from the pairs, then grown 2x at a time. The teacher never runs above
+the base resolution B; every later stage reuses the same base latents.
+
+    pagoda_teacher   shard                   EDM teacher on x_B, text (CLIP tokens) or unconditional  (Sec. 3.1)
+    pagoda_invert    shard, pagoda_teacher   z = inv(x_B) and inv(flip(x_B)) per sample id (Sec. 3.2; pagoda_invert.py)
+    pagoda_distill   pagoda_invert, teacher  G = teacher copy; L_rec + w_adv*lambda*L_adv; G/D alternate (Sec. 3.2)
+    pagoda_grow_R    pagoda_invert, G_{R/2}  one new 2x decoder level trained on jpg_R with the base z (Sec. 3.3)
+    pagoda_sample    shard, all G stages     one-step grids per resolution + SWD vs. G at init (pagoda_control.py)
+
+Networks and losses are genmodels.pagoda (pure PyTorch); each training stage is a TrainSpec run by
+workflows.train.fit (Ray Train + DeepSpeed) on a Ray Dataset. Weights are read back from the
+exported EMA safetensors together with ``model_config.json``, which says how to rebuild the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from genmodels import clip as clip_mod
+from genmodels.pagoda import (
+    DiscriminatorConfig,
+    EDMConfig,
+    EDMPrecond,
+    Generator,
+    GeneratorConfig,
+    GrowthConfig,
+    PagodaConfig,
+    ProjectedDiscriminator,
+    TinyFeatures,
+    UNet,
+    UNetConfig,
+    build_timm_features,
+    discriminator_loss,
+    generator_loss,
+    grow_2x,
+    ode_sample,
+    teacher_loss,
+)
+from genmodels.pagoda.unet import PRESETS as NET_PRESETS
+from workflows.pagoda_invert import (
+    TextColumns,
+    load_teacher,
+    open_artifact,
+    read_pairs,
+    read_rows,
+    text_dims,
+    unet_from_dict,
+)
+from workflows.store import Artifact
+from workflows.train import OptimGroup, TrainConfig, TrainContext, TrainSpec, fit, load_weights
+from workflows.train.loop import default_collate
+
+# Teacher sizes; the stage sets img_resolution and text_dim. "micro" (the CI demo) is "tiny" at half
+# the width and without attention, 4x cheaper per evaluation for the 78-evaluation inversion on a
+# 2-core CPU; text then conditions through the pooled embedding added to the time embedding.
+NETS = {
+    "micro": dataclasses.replace(NET_PRESETS["tiny"], num_classes=0, model_channels=16, attn_resolutions=()),
+    "tiny": dataclasses.replace(NET_PRESETS["tiny"], num_classes=0),
+    "paper": dataclasses.replace(NET_PRESETS["paper64"], num_classes=0),  # EDM's ADM (Sec. 5, App. D)
+}
+# Layers of the frozen feature nets for L_rec (the reference code: DeiT-B + EfficientNet-lite0).
+FEATURE_LAYERS = {"tf_efficientnet_lite0": (1, 2, 3, 4), "deit_base_distilled_patch16_224": (2, 5, 8, 11)}
+LOG_NAMES = {"l_rec": "loss_rec", "l_adv": "loss_adv", "l_rec_adv": "loss_rec_adv", "l_dstl": "loss_dstl",
+             "l_clip": "loss_clip"}
+
+
+def _train(**kw) -> Callable[[], TrainConfig]:
+    # Laptop defaults: one Ray Train worker with half a CPU (Ray Data needs the rest on 2 cores).
+    return lambda: TrainConfig(**{"cpus_per_worker": 0.5, "batch_size": 16, "log_every": 10, "ckpt_every": 0,
+                                  "ema_decay": 0.99, **kw})
+
+
+def train_resources(cfg: Any) -> dict[str, float]:
+    """What a training stage holds (Stage.resources): its Ray Train workers."""
+    t, n = cfg.train, max(cfg.train.num_workers, 1)
+    return {"CPU": t.cpus_per_worker * n, **({"GPU": t.gpus_per_worker * n} if t.use_gpu else {})}
+
+
+def _check(checks: list[tuple[str, bool, str]]) -> None:
+    for key, ok, msg in checks:
+        if not ok:
+            raise ValueError(f"{key}: {msg}")
+
+
+# ------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    size: str = "tiny"  # NETS key: micro | tiny | paper
+    resolution: int = 16  # base resolution B (the paper: 64)
+    text: bool = True  # condition on CLIP token states of the caption; False: unconditional
+    clip: str = clip_mod.TINY  # open_clip model name (ViT-L-14 for a real run)
+    clip_pretrained: str = ""  # open_clip tag or checkpoint path; "" = random weights (tiny only)
+    text_tokens: int = 32  # token states kept per caption
+    caption_column: str = "recaption"  # falls back to `caption` where empty
+    heldout_fraction: float = 0.1
+    cond_drop: float = 0.1  # condition dropout for CFG (Sec. 4.2)
+    preview_points: int = 18  # Heun grid of the preview samples
+    text_num_cpus: float = 0.25  # the Ray Data actor that encodes captions once per row
+    text_num_gpus: float = 0.0
+    materialize: bool = False  # keep decoded, encoded rows in Ray's object store across epochs (small data)
+    train: TrainConfig = field(default_factory=_train(lr=2e-4, total_steps=400))
+
+    def validate(self) -> None:
+        _check([("size", self.size in NETS, f"expected one of {sorted(NETS)}, got {self.size!r}"),
+                ("resolution", self.resolution >= 8 and self.resolution % 4 == 0, "must be a multiple of 4, >= 8"),
+                ("text_tokens", 1 <= self.text_tokens <= 77, "expected 1-77"),
+                ("heldout_fraction", 0 <= self.heldout_fraction < 1, "expected [0, 1)"),
+                ("cond_drop", 0 <= self.cond_drop < 1, "expected [0, 1)"),
+                ("preview_points", self.preview_points >= 2, "must be >= 2")])
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    w_adv: float = 0.2  # 0.2 at the base resolution, 1.0 while growing (Sec. 3.2-3.3)
+    adaptive: bool = True  # VQGAN adaptive lambda
+    separate_updates: bool = False  # >= 256 px: L_rec and L_adv take alternate optimizer steps
+    w_rec_adv: float = 0.0  # 512 px: adversarial loss on the reconstructions (0.5)
+    lr_d: float = 1e-3  # D's learning rate (train.lr is G's)
+    disc: str = "tiny"  # "tiny" (frozen random convs) or a timm backbone: vit_small_patch16_224.dino
+    disc_pretrained: bool = True
+    perceptual: tuple[str, ...] = ("tiny",)  # L_rec nets: "tiny" or timm names (deit_base..., tf_efficientnet_lite0)
+    perceptual_pretrained: bool = True
+    omega_cond: bool = False  # text-to-image: G(z, c, omega) with L_dstl toward the CFG-omega teacher (Sec. 4.2)
+    omega_range: tuple[float, float] = (0.0, 0.0)
+    w_dstl: float = 0.0
+    dstl_points: int = 40
+    w_clip: float = 0.0
+    flip: bool = True  # train on (flip(x), z_flip) half of the time
+    materialize: bool = False
+    train: TrainConfig = field(default_factory=_train(lr=1e-4, total_steps=200))
+
+    def validate(self) -> None:
+        _check([("w_adv", self.w_adv >= 0, "must be >= 0"), ("w_rec_adv", self.w_rec_adv >= 0, "must be >= 0"),
+                ("lr_d", self.lr_d > 0, "must be > 0"), ("perceptual", len(self.perceptual) >= 1, "needs a net"),
+                ("omega_range", self.omega_range[0] <= self.omega_range[1], "expected (low, high)"),
+                ("omega_cond", self.omega_cond or (self.w_dstl == 0 and self.omega_range == (0.0, 0.0)),
+                 "w_dstl / omega_range need omega_cond: true"),
+                ("w_dstl", self.w_dstl >= 0, "must be >= 0"), ("dstl_points", self.dstl_points >= 2, "must be >= 2"),
+                ("w_clip", self.w_clip >= 0, "must be >= 0")])
+
+
+@dataclass(frozen=True)
+class GrowConfig(DistillConfig):
+    resolution: int = 32  # output resolution: twice the input generator's
+    channels: int = 0  # width of the new level; 0 = the current top level's
+    trainable_levels: int = 1  # top decoder levels of the smaller G that keep training (Fig. 3)
+    w_adv: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        _check([("resolution", self.resolution >= 16, "must be >= 16"), ("channels", self.channels >= 0, ">= 0"),
+                ("trainable_levels", self.trainable_levels >= 0, "must be >= 0")])
+
+
+# ------------------------------------------------------------------------------------------
+# Models: CLIP image tower, generator loader, discriminator and feature nets
+
+
+class ClipImage(nn.Module):
+    """[-1, 1] images -> CLIP image embeddings, differentiable in the input (CLIP regularization)."""
+
+    def __init__(self, name: str, pretrained: str = ""):
+        super().__init__()
+        self.clip = clip_mod.build_clip(name, pretrained or None)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.clip.encode_image(clip_mod.preprocess_tensor(self.clip, x), normalize=True)
+
+
+def load_generator(art: Artifact) -> tuple[Generator, dict[str, Any]]:
+    meta = art.read_json("model_config.json")
+    gen = Generator(UNet(unet_from_dict(meta["unet"])), GeneratorConfig(**meta["generator"]))
+    gen.load_state_dict(load_weights(art, "generator"))
+    return gen.eval(), meta
+
+
+def build_discriminator(cfg: DistillConfig, resolution: int, embed_dim: int) -> ProjectedDiscriminator:
+    if cfg.disc == "tiny":  # frozen random convs at (at least) the stage resolution
+        return ProjectedDiscriminator.tiny(DiscriminatorConfig(channels=16, cmap_dim=16, text_dim=embed_dim,
+                                                               omega_cond=cfg.omega_cond, size=max(32, resolution)))
+    dcfg = DiscriminatorConfig(backbone=cfg.disc, text_dim=embed_dim, omega_cond=cfg.omega_cond)
+    return ProjectedDiscriminator.build(dcfg, pretrained=cfg.disc_pretrained)
+
+
+def build_perceptual(cfg: DistillConfig, resolution: int) -> nn.ModuleList:
+    return nn.ModuleList(
+        TinyFeatures(size=max(32, resolution)) if name == "tiny"
+        else build_timm_features(name, FEATURE_LAYERS.get(name, (2, 5, 8, 11)), pretrained=cfg.perceptual_pretrained)
+        for name in cfg.perceptual)
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 1: teacher
+
+
+def teacher_spec(cfg: TeacherConfig, unet: UNetConfig, text: dict | None) -> TrainSpec:
+    pcfg = PagodaConfig(resolution=cfg.resolution, edm=EDMConfig(cond_drop=cfg.cond_drop))
+    r = cfg.resolution
+
+    def build_models(tc: TrainConfig) -> dict[str, nn.Module]:
+        return {"teacher": EDMPrecond(UNet(unet))}
+
+    def step(ctx: TrainContext, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        b = {k: batch[k] for k in ("image", "text", "text_mask") if k in batch}
+        loss, logs = teacher_loss({"teacher": ctx.models["teacher"]}, b, pcfg)
+        ctx.backward_step("teacher", loss)
+        return logs
+
+    def sample(models: dict[str, nn.Module], n: int, gen: torch.Generator) -> Tensor:
+        z = torch.randn((n, 3, r, r), generator=gen, device=gen.device) * pcfg.edm.sigma_max
+        cond = {"text": torch.zeros(n, text["tokens"], unet.text_dim, device=z.device)} if text else {}
+        return ode_sample(models["teacher"], z, cfg.preview_points, **cond)  # the unconditional (null-text) branch
+
+    return TrainSpec(build_models=build_models, optimizers={"teacher": OptimGroup(("teacher",))}, step=step,
+                     sample=sample, ema_modules=("teacher",), export_modules=("teacher",))
+
+
+def run_teacher(inputs: dict[str, Artifact], cfg: TeacherConfig, out: Artifact) -> dict[str, Any]:
+    """Stage 1: EDM on center-cropped, downsampled training images (held-out ids dropped)."""
+    text = {"name": cfg.clip, "pretrained": cfg.clip_pretrained, "tokens": cfg.text_tokens} if cfg.text else None
+    unet = dataclasses.replace(NETS[cfg.size], img_resolution=cfg.resolution, text_dim=text_dims(text)[0])
+    meta = {"kind": "pagoda_teacher", "unet": dataclasses.asdict(unet), "sigma_data": 0.5, "text": text,
+            "resolution": cfg.resolution}
+    ds = read_rows(inputs["shard"], cfg.resolution, cfg.heldout_fraction, cfg.caption_column)
+    if text:  # encoded once per row by an actor, not in every training step
+        import ray.data
+
+        ds = ds.map_batches(TextColumns, fn_constructor_kwargs={"text": text}, batch_size=64, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=1), num_gpus=cfg.text_num_gpus,
+                            num_cpus=0 if cfg.text_num_gpus else cfg.text_num_cpus)
+    if cfg.materialize:
+        ds = ds.materialize()
+    return fit(teacher_spec(cfg, unet, text), cfg.train, out, {"train": ds}, meta)
+
+
+# ------------------------------------------------------------------------------------------
+# Stages 2b and 3: one-step generator at the base resolution, then each 2x growth
+
+
+def pagoda_config(cfg: DistillConfig, resolution: int) -> PagodaConfig:
+    return PagodaConfig(resolution=resolution, w_adv=cfg.w_adv, adaptive=cfg.adaptive,
+                        separate_updates=cfg.separate_updates, w_rec_adv=cfg.w_rec_adv, omega_range=cfg.omega_range,
+                        w_dstl=cfg.w_dstl, dstl_points=cfg.dstl_points, w_clip=cfg.w_clip)
+
+
+def pair_collate(flip: bool) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:
+    """Each row trains on (x, z) or, with probability 1/2, on (flip(x), z_flip): the flip's own latent."""
+    def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = default_collate(batch)
+        z_flip = out.pop("latent_flip")
+        if flip:
+            f = torch.from_numpy(np.random.rand(len(z_flip)) < 0.5)[:, None, None, None]
+            out["image"] = torch.where(f, out["image"].flip(-1), out["image"])
+            out["latent"] = torch.where(f, z_flip, out["latent"])
+        return out
+    return collate
+
+
+def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], build_generator: Callable[[], Generator],
+                   preview: dict[str, np.ndarray]) -> TrainSpec:
+    """G and D as two optimizer groups, alternating every step (G first, then D on fresh fakes)."""
+    pcfg = pagoda_config(cfg, resolution)
+    text, teacher_uri = meta["text"], meta["teacher"]
+    adversarial = cfg.w_adv > 0 or cfg.w_rec_adv > 0
+
+    def build_models(tc: TrainConfig) -> dict[str, nn.Module]:
+        models = {"generator": build_generator(), "perceptual": build_perceptual(cfg, resolution),
+                  "discriminator": build_discriminator(cfg, resolution, text_dims(text)[1])}
+        if cfg.w_dstl > 0:
+            models["teacher"] = load_teacher(open_artifact(teacher_uri))[0]
+        if cfg.w_clip > 0:
+            models["clip_image"] = ClipImage(text["name"], text["pretrained"])
+        return models
+
+    def step(ctx: TrainContext, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        models = {**ctx.models, "perceptual": list(ctx.models["perceptual"])}
+        with ctx.trainable("generator"):  # L_adv flows through D, whose weights must not get this gradient
+            loss, logs = generator_loss(models, batch, pcfg, step)
+        ctx.backward_step("generator", loss)
+        out = {LOG_NAMES.get(k, k): v for k, v in logs.items()}
+        if adversarial:
+            d_loss, d_logs = discriminator_loss(models, batch, pcfg)
+            ctx.backward_step("discriminator", d_loss)
+            out.update(loss_d=d_loss.detach(), d_real=d_logs["d_real"], d_fake=d_logs["d_fake"])
+        return out
+
+    def sample(models: dict[str, nn.Module], n: int, gen: torch.Generator) -> Tensor:
+        g = models["generator"]
+        b = g.net.cfg.img_resolution
+        z = torch.randn((n, 3, b, b), generator=gen, device=gen.device) * g.cfg.sigma_max
+        idx = np.arange(n) % len(preview["row_id"])
+        cond = {k: torch.from_numpy(np.asarray(preview[k])[idx]).to(z.device) for k in ("text", "text_mask")
+                if k in preview}
+        return g(z, **cond)
+
+    groups = {"generator": OptimGroup(("generator",)),
+              "discriminator": OptimGroup(("discriminator",), lr_mult=cfg.lr_d / cfg.train.lr)}
+    return TrainSpec(build_models=build_models, optimizers=groups, step=step, sample=sample,
+                     ema_modules=("generator",), export_modules=("generator",), collate=pair_collate(cfg.flip))
+
+
+def _fit_generator(cfg: DistillConfig, pairs: Artifact, resolution: int, meta: dict[str, Any],
+                   build_generator: Callable[[], Generator], out: Artifact) -> dict[str, Any]:
+    ds = read_pairs(pairs, resolution)
+    if cfg.materialize:
+        ds = ds.materialize()
+    preview = ds.take_batch(cfg.train.preview_images, batch_format="numpy")
+    spec = generator_spec(cfg, resolution, meta, build_generator, preview)
+    return fit(spec, cfg.train, out, {"train": ds}, meta)
+
+
+def run_distill(inputs: dict[str, Artifact], cfg: DistillConfig, out: Artifact) -> dict[str, Any]:
+    """Stage 2b: G = a full copy of the EMA teacher, trained on (x_B, z) pairs at the base resolution."""
+    teacher = inputs["pagoda_teacher"]
+    tmeta = teacher.read_json("model_config.json")
+    gcfg = GeneratorConfig(omega_cond=cfg.omega_cond)
+    meta = {"kind": "pagoda_generator", "unet": tmeta["unet"], "generator": dataclasses.asdict(gcfg),
+            "text": tmeta["text"], "teacher": teacher.uri, "resolution": tmeta["resolution"],
+            "base_resolution": tmeta["resolution"]}
+    return _fit_generator(cfg, inputs["pagoda_invert"], tmeta["resolution"], meta,
+                          lambda: Generator.from_teacher(load_teacher(teacher)[0], gcfg), out)
+
+
+def growth_config(cfg: GrowConfig) -> GrowthConfig:
+    return GrowthConfig(channels=cfg.channels or None, trainable_levels=cfg.trainable_levels)
+
+
+def run_grow(inputs: dict[str, Artifact], cfg: GrowConfig, out: Artifact) -> dict[str, Any]:
+    """Stage 3: one 2x growth. Inputs: ``pagoda_invert`` and the generator stage to grow (any name)."""
+    prev = [a for name, a in inputs.items() if name != "pagoda_invert"]
+    if len(prev) != 1:
+        raise ValueError(f"a growth stage takes pagoda_invert and one generator stage, got {sorted(inputs)}")
+    prev_meta = prev[0].read_json("model_config.json")
+    if cfg.resolution != 2 * prev_meta["resolution"]:
+        raise ValueError(f"resolution: {cfg.resolution} is not twice the input generator's {prev_meta['resolution']}")
+    old = unet_from_dict(prev_meta["unet"])
+    top = old.grown[-1] if old.grown else old.model_channels * old.channel_mult[0]  # as growth.grow_2x
+    unet = dataclasses.replace(old, grown=old.grown + (cfg.channels or top,))
+    meta = {**prev_meta, "unet": dataclasses.asdict(unet), "resolution": cfg.resolution,
+            "growth": dataclasses.asdict(growth_config(cfg))}
+    return _fit_generator(cfg, inputs["pagoda_invert"], cfg.resolution, meta,
+                          lambda: grow_2x(load_generator(prev[0])[0].train(), growth_config(cfg)), out)
