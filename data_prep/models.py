@@ -153,12 +153,9 @@ class ClipScorer:
     """
 
     def __init__(self, model: str, pretrained: str | None, heads: dict[str, str | None]):
-        import torch
-
         from genmodels.clip import build_clip, embed_dim
 
         self.device = _device()
-        torch.set_grad_enabled(False)
         self.model, _, self.tokenizer = build_clip(model, pretrained)
         self.model = self.model.to(self.device)
         dim = embed_dim(self.model)
@@ -172,6 +169,12 @@ class ClipScorer:
             self.heads[name] = head.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        with torch.inference_mode():  # scoped: a global switch would leak into the caller's process
+            return self._score(batch)
+
+    def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
         from genmodels.clip import encode_image, encode_text_pooled
@@ -217,7 +220,6 @@ class LlavaCaptioner:
 
         self.clean = clean_caption
         self.device = _device()
-        torch.set_grad_enabled(False)
         self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         model = tiny_llava.resolve(model)
         self.processor = AutoProcessor.from_pretrained(model)
@@ -229,6 +231,12 @@ class LlavaCaptioner:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            return self._caption(batch)
+
+    def _caption(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
         result = {k: v for k, v in batch.items() if k != "image"}

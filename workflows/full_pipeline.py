@@ -23,9 +23,8 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from data_prep import download, recaption, shard, urls  # noqa: E402
 from data_prep import filter as filt  # noqa: E402
 from workflows import config as config_mod  # noqa: E402
-from workflows import evaluate, report, runner, wuerstchen_stages  # noqa: E402
+from workflows import evaluate, pagoda_invert, pagoda_stages, report, runner, wuerstchen_stages  # noqa: E402  # noqa: E402
 from workflows import pagoda_control as pagoda_sample  # noqa: E402
-from workflows import pagoda_invert, pagoda_stages  # noqa: E402
 from workflows.stage import Stage  # noqa: E402
 from workflows.store import Store  # noqa: E402
 
@@ -83,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="append", default=[], help="rerun this stage and its downstream")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. download.image_size=128 run.root=s3://b/p")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may stand before or after the flags
 
 
 def init_ray(cfg: config_mod.PipelineConfig) -> None:

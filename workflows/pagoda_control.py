@@ -31,9 +31,9 @@ from torch import Tensor
 
 from genmodels.metrics.swd import swd
 from genmodels.pagoda import Generator, GeneratorConfig, GrowthConfig, control, grow_2x, sample_latents
-from workflows.pagoda_invert import TextEncoder, load_teacher, open_artifact, read_rows, unet_from_dict
+from workflows.pagoda_invert import TextEncoder, load_teacher, read_rows, unet_from_dict
 from workflows.pagoda_stages import load_generator
-from workflows.store import Artifact
+from workflows.store import Artifact, open_artifact
 from workflows.train.export import png_grid
 
 # ------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from data_prep.splits import heldout_mask
 from genmodels import clip as clip_mod
 from genmodels.pagoda import EDMPrecond, PagodaConfig, UNet, UNetConfig, invert_latents, ode_sample
-from workflows.store import Artifact, filesystem
+from workflows.store import Artifact
 from workflows.train import load_weights
 
 # ------------------------------------------------------------------------------------------
@@ -42,12 +42,6 @@ from workflows.train import load_weights
 
 
 _IMAGE_COLUMN = re.compile(r"^(jpg|jpeg|png|webp)_(\d+)$")
-
-
-def open_artifact(uri: str) -> Artifact:
-    """An existing artifact from its URI (local path or s3://)."""
-    fs, path = filesystem(uri)
-    return Artifact(uri=uri if uri.startswith("s3://") else path, fs=fs, path=path)
 
 
 def row_ids(sample_ids: np.ndarray) -> np.ndarray:

@@ -48,13 +48,12 @@ from genmodels.pagoda.unet import PRESETS as NET_PRESETS
 from workflows.pagoda_invert import (
     TextColumns,
     load_teacher,
-    open_artifact,
     read_pairs,
     read_rows,
     text_dims,
     unet_from_dict,
 )
-from workflows.store import Artifact
+from workflows.store import Artifact, open_artifact
 from workflows.train import OptimGroup, TrainConfig, TrainContext, TrainSpec, fit, load_weights
 from workflows.train.loop import default_collate
 

@@ -50,7 +50,7 @@ from genmodels.wuerstchen import (
     sample_stage_c,
 )
 from genmodels.wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
-from workflows.store import MANIFEST, Artifact, filesystem
+from workflows.store import Artifact, filesystem, open_artifact
 from workflows.train.export import png_grid
 from workflows.wuerstchen_encode import TextEncoderConfig
 from workflows.wuerstchen_stages import SampleConfig, build_module, load_trained, model_config
@@ -85,14 +85,6 @@ class ModelSet:
 # Loading
 
 
-def artifact(uri: str) -> Artifact:
-    fs, path = filesystem(uri)
-    art = Artifact(uri=uri.rstrip("/"), fs=fs, path=path)
-    if art.exists(MANIFEST):
-        art.manifest = art.read_json(MANIFEST)
-    return art
-
-
 def load_trained_set(a: Artifact, b: Artifact, c: Artifact) -> ModelSet:
     mb, mc = b.read_json("model_config.json"), c.read_json("model_config.json")
     return ModelSet(stage_a=load_trained(a, "stage_a"), stage_b=load_trained(b, "stage_b"),
@@ -104,11 +96,11 @@ def load_trained_set(a: Artifact, b: Artifact, c: Artifact) -> ModelSet:
 def _sibling(art: Artifact, stage: str, key: str) -> Artifact:
     """``{root}/{stage}/{key}`` next to ``art`` (= ``{root}/{its stage}/{its key}``)."""
     root = art.uri.rsplit("/", 2)[0]
-    return artifact(f"{root}/{stage}/{key}")
+    return open_artifact(f"{root}/{stage}/{key}")
 
 
 def from_sample_artifact(uri: str) -> tuple[Artifact, Artifact, Artifact]:
-    s = artifact(uri)
+    s = open_artifact(uri)
     if not s.manifest:
         raise ValueError(f"{uri}: no manifest.json (not a finished wuerstchen_sample artifact)")
     keys = s.manifest["inputs"]
@@ -123,7 +115,7 @@ def latest_under_root(root: str) -> tuple[Artifact, Artifact, Artifact]:
     base = posixpath.join(path, "wuerstchen_stage_c")
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     root_uri = root.rstrip("/") if "://" in root else path
-    cands = [artifact(f"{root_uri}/wuerstchen_stage_c/{posixpath.basename(i.path)}") for i in infos
+    cands = [open_artifact(f"{root_uri}/wuerstchen_stage_c/{posixpath.basename(i.path)}") for i in infos
              if i.type == pafs.FileType.Directory]
     cands = [c for c in cands if c.manifest]
     if not cands:
@@ -329,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage_c:
                 if not (args.stage_b and args.stage_a):
                     raise ValueError("--stage-c needs --stage-b and --stage-a")
-                arts = (artifact(args.stage_a), artifact(args.stage_b), artifact(args.stage_c))
+                arts = (open_artifact(args.stage_a), open_artifact(args.stage_b), open_artifact(args.stage_c))
             else:
                 arts = from_sample_artifact(args.sample_artifact) if args.sample_artifact else \
                     latest_under_root(args.root)
@@ -344,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "wb") as f:
             f.write(png_grid(images, nrow=cfg.n_per_prompt))
     else:
-        write_outputs(artifact(args.out if "://" in args.out else os.path.abspath(args.out)), images, args.prompt, cfg)
+        write_outputs(open_artifact(args.out if "://" in args.out else os.path.abspath(args.out)), images, args.prompt, cfg)
     print(f"wrote {args.out}: {len(images)} images; seconds " + ", ".join(f"{k}={v:.2f}" for k, v in times.items()))
     return 0
 

@@ -137,6 +137,15 @@ class Artifact:
             self.fs.delete_dir(self.path)
 
 
+def open_artifact(uri: str) -> Artifact:
+    """An existing artifact from its URI (local path or s3://), with its manifest when it has one."""
+    fs, path = filesystem(uri)
+    art = Artifact(uri=uri.rstrip("/") if uri.startswith("s3://") else path, fs=fs, path=path)
+    if art.exists(MANIFEST):
+        art.manifest = art.read_json(MANIFEST)
+    return art
+
+
 def _is_temp(name: str) -> bool:
     return ".tmp-" in posixpath.basename(name)
 

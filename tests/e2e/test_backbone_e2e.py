@@ -85,7 +85,7 @@ def test_ray_job_submit_against_a_local_head(ray_cluster, tmp_path):
     r = subprocess.run(
         [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
          "--", "python", "workflows/full_pipeline.py", "--config", "workflows/configs/demo.yaml",
-         f"run.root={root}", "urls.n=10", f"urls.port={free_port()}"],
+         f"run.root={root}", "--stages", "urls,download", "urls.n=10", f"urls.port={free_port()}"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout.lower()

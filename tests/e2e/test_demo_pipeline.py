@@ -77,7 +77,7 @@ def test_data_funnel_adds_up(demo):
 @pytest.mark.parametrize("stage", TRAINING)
 def test_every_training_loss_decreased(demo, stage):
     curve = losses(manifests(demo["root"])[stage]["_path"])
-    k = max(1, len(curve) // 10)
+    k = len(curve) // 3  # thirds: one noisy logging window cannot decide it
     first, last = sum(curve[:k]) / k, sum(curve[-k:]) / k
     assert len(curve) >= 10 and last < first, (stage, first, last)
 

@@ -100,7 +100,8 @@ def test_separate_updates_lambda_matches_joint():
     _loss_rec, logs_rec = generator_loss(models, batch, cfg, step=0)
     loss_adv, logs_adv = generator_loss(models, batch, cfg, step=1)
     assert {"l_rec", "l_rec_adv", "lambda_rec"} <= set(logs_rec) and "l_adv" not in logs_rec
-    assert "l_adv" in logs_adv and "l_rec" not in logs_adv
+    assert "l_adv" in logs_adv and "l_rec_adv" not in logs_adv
+    assert not logs_adv["l_rec"].requires_grad  # logged at the current weights, no second graph
     assert torch.allclose(logs_adv["lambda_adv"], logs_joint["lambda_adv"], rtol=1e-4)
     loss_adv.backward()
     gen = models["generator"]
