@@ -76,6 +76,7 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError("ray head did not come up") from None
                 time.sleep(1)
+        _wait_for_job_agent(dashboard, deadline)
         yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
     finally:
         proc.terminate()
@@ -83,6 +84,26 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _wait_for_job_agent(dashboard: str, deadline: float) -> None:
+    """The dashboard answers before the head's job agent registers; until then a submission gets
+    HTTP 500 'No available agent'. Submit a no-op job until one is accepted and has finished."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.time() > deadline:
+            raise RuntimeError("the no-op readiness job did not finish")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

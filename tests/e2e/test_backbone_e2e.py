@@ -64,7 +64,11 @@ def test_runner_writes_to_s3_root(moto_s3, tmp_path):
     import boto3
 
     root = "s3://genmodels-test/run1"
-    args = ["--config", "workflows/configs/demo.yaml", f"run.root={root}", "urls.n=12", f"urls.port={free_port()}"]
+    # Every kind of writer on S3, without the whole DAG: the data stages, one training stage (Ray
+    # Train storage + DeepSpeed checkpoints) and one Ray Data encode stage.
+    args = ["--config", "workflows/configs/demo.yaml", f"run.root={root}", "urls.n=12", f"urls.port={free_port()}",
+            "--stages", "urls,download,filter,recaption,shard,wuerstchen_stage_a,wuerstchen_encode_a",
+            "wuerstchen_stage_a.train.total_steps=20"]
     r = cli(*args)
     assert r.returncode == 0, r.stdout + r.stderr
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=moto_s3).list_objects_v2(
@@ -75,6 +79,9 @@ def test_runner_writes_to_s3_root(moto_s3, tmp_path):
     assert manifest["counts"]["rows"] > 12 and manifest["files"] > 12
     assert any(k.endswith("urls.parquet") for k in keys)
     assert any(k.startswith("run1/runs/") and k.endswith("summary.json") for k in keys)
+    for stage in ("shard", "wuerstchen_stage_a", "wuerstchen_encode_a"):
+        assert any(k.startswith(f"run1/{stage}/") and k.endswith("manifest.json") for k in keys), stage
+    assert any(k.startswith("run1/wuerstchen_stage_a/") and k.endswith(".safetensors") for k in keys)
     r = cli(*args)
     assert r.returncode == 0 and "ran 0 stage(s)" in r.stdout
 
@@ -92,4 +99,6 @@ def test_ray_job_submit_against_a_local_head(ray_cluster, tmp_path):
     summaries = list(root.glob("runs/*/summary.json"))
     assert len(summaries) == 1
     stages = json.loads(summaries[0].read_text())["stages"]
-    assert all(s["action"] == "run" for s in stages)
+    assert {s["stage"] for s in stages if s["action"] == "run"} == {"urls", "download"}
+    dl = next(s["counts"] for s in stages if s["stage"] == "download")
+    assert dl["rows_out"] > 0 and dl["rows_in"] == dl["rows_out"] + dl["failed"]
