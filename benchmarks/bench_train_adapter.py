@@ -53,7 +53,7 @@ def _one(variant: str, args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(REPO))
     from workflows.store import Store
-    from workflows.train import TrainConfig, loop, synthetic
+    from workflows.train import TrainConfig, engines, loop, synthetic
     from workflows.train.ray_adapter import DirCheckpoints
 
     torch.set_num_threads(args.threads)
@@ -73,11 +73,11 @@ def _one(variant: str, args: argparse.Namespace) -> dict:
 
     if variant == "bare":
         with loop._process_group(cfg, device):
-            deepspeed = loop._import_deepspeed()
+            deepspeed = engines.import_deepspeed()
             torch.manual_seed(0)
             model = synthetic.Denoiser(args.channels).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=loop.ds_config(cfg, False),
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=engines.ds_config(cfg, False),
                                               dist_init_required=False)
             x = torch.from_numpy(rows["image"]).to(device)
             for i in range(last + 1):

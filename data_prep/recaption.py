@@ -120,7 +120,9 @@ def prepare(batch: dict[str, Any], *, filt: Artifact, path_to_shard: dict[str, s
         except images.BadImage as e:
             imgs.append(np.full((size, size, 3), 255, np.uint8))
             errors.append(e.reason)
-    pick = lambda name: np.array([cols[name][i] for i in keep], dtype=object)
+    def pick(name: str) -> np.ndarray:
+        return np.array([cols[name][i] for i in keep], dtype=object)
+
     return {"shard": pick("shard"), "key": pick("key"), "sample_id": pick("sample_id"), "caption": pick("caption"),
             "recaption_error": np.array(errors, dtype=object),
             "image": np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)}

@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    before = (lambda st: init_ray(cfg) if st.uses_ray else None)
+    def before(st) -> None:
+        if st.uses_ray:
+            init_ray(cfg)
+
     summary = runner.execute(steps, cfg, store, run_id, before_stage=before)
     summary["report"] = report.write_report(summary, store, store.run_dir(run_id), cfg.run.prices)
     ran = [r["stage"] for r in summary["stages"] if r["action"] == "run"]

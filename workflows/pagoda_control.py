@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     gen, meta = load_generator(open_artifact(args.generator))
     teacher, _ = load_teacher(open_artifact(args.teacher or meta["teacher"]))
     text = TextEncoder(**meta["text"]) if meta["text"] else None
-    cond = lambda prompt: {k: v for k, v in text([prompt]).items() if k != "text_embed"} if text else {}
+    def cond(prompt: str) -> dict:
+        return {k: v for k, v in text([prompt]).items() if k != "text_embed"} if text else {}
+
     r = meta["resolution"]
     os.makedirs(args.out, exist_ok=True)
     written = []

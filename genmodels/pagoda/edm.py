@@ -119,7 +119,9 @@ def guided_denoise(
     if not torch.is_tensor(omega) and omega == 0:
         return net(x, sigma, label, text, text_mask)
     label_u, text_u = null_condition(label, text)
-    cat = lambda a, b: None if a is None else torch.cat([a, b])
+    def cat(a, b):
+        return None if a is None else torch.cat([a, b])
+
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
     d = net(
         torch.cat([x, x]), torch.cat([sigma, sigma]), cat(label, label_u), cat(text, text_u), cat(text_mask, text_mask)

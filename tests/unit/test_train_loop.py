@@ -8,7 +8,7 @@ import torch
 
 from workflows.config import ConfigError, build
 from workflows.store import Store
-from workflows.train import TrainConfig, load_weights, loop, synthetic
+from workflows.train import TrainConfig, engines, load_weights, loop, synthetic
 from workflows.train.loop import OptimGroup, TrainSpec
 from workflows.train.ray_adapter import DirCheckpoints
 
@@ -173,8 +173,8 @@ def test_step_function_contract_is_checked(tmp_path):
 def test_deepspeed_load_from_a_wrong_directory_raises(tmp_path):
     cfg = _cfg(zero_stage=2)
     with loop._process_group(cfg, torch.device("cpu")):
-        box = loop._Box({"m": torch.nn.Linear(4, 4)})
-        grp = loop._DeepSpeedGroup(box, cfg, OptimGroup(("m",)), on_gpu=False)
+        box = engines.Box({"m": torch.nn.Linear(4, 4)})
+        grp = engines.DeepSpeedGroup(box, cfg, OptimGroup(("m",)), on_gpu=False)
         with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint"):
             grp.load(str(tmp_path))
 

@@ -45,6 +45,7 @@ from workflows.config import to_dict
 from workflows.store import Artifact
 from workflows.train import export
 from workflows.train.config import TrainConfig
+from workflows.train.engines import Box, DeepSpeedGroup, Group, TorchGroup, import_deepspeed, rank_world
 
 log = logging.getLogger("genmodels.train")
 
@@ -93,9 +94,9 @@ class TrainContext:
     """What ``spec.step`` sees. ``models`` are the live modules; call them directly."""
 
     def __init__(self, cfg: TrainConfig, models: dict[str, nn.Module], ema: dict[str, nn.Module],
-                 groups: dict[str, _Group], device: torch.device, data: dict[str, Any]):
+                 groups: dict[str, Group], device: torch.device, data: dict[str, Any]):
         self.cfg, self.models, self.ema, self.device, self.data = cfg, models, ema, device, data
-        self.rank, self.world_size = _rank_world()
+        self.rank, self.world_size = rank_world()
         self.step = 0  # optimizer step being computed
         self.micro = 0  # micro-batch index within the step
         self._groups = groups
@@ -125,171 +126,8 @@ class TrainContext:
 
 
 # ----------------------------------------------------------------------------------------
-# Optimizer groups: the same four calls for DeepSpeed and for plain PyTorch.
-
-
-class _Box(nn.ModuleDict):
-    """Container handed to DeepSpeed. Its forward is the identity on the loss: DeepSpeed 0.19
-    starts its backward (ZeRO boundary flags, reduction state) from hooks that engine.forward
-    puts on the outputs, so the loss must pass through the engine once before backward."""
-
-    def forward(self, loss: Tensor) -> Tensor:
-        return loss
-
-
-def _param_groups(box: nn.Module, cfg: TrainConfig, og: OptimGroup) -> list[dict[str, Any]]:
-    params = [p for p in box.parameters() if p.requires_grad]
-    wd = cfg.weight_decay if og.weight_decay is None else og.weight_decay
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]  # biases and norm gains are not decayed
-    return [g for g in ({"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
-
-
-def _optimizer(box: nn.Module, cfg: TrainConfig, og: OptimGroup) -> torch.optim.Optimizer:
-    # torch's AdamW: DeepSpeed's fused/CPU Adam compile C++ on first use (minutes, cold).
-    return torch.optim.AdamW(_param_groups(box, cfg, og), lr=cfg.lr * og.lr_mult, betas=og.betas or cfg.betas,
-                             eps=cfg.eps)
-
-
-def _schedule(cfg: TrainConfig) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_factor(s))
-
-
-class _Group:
-    box: _Box
-    norm: Tensor | float | None = None
-    calls = 0  # backward_step calls in the current step
-    want_norm = False  # measure the grad norm this step (log steps only)
-
-    def backward_step(self, loss: Tensor) -> None: ...
-    def lr(self) -> float: ...
-    def save(self, path: str, rank: int) -> None: ...
-    def load(self, path: str) -> None: ...
-
-
-class _TorchGroup(_Group):
-    """loss.backward() + AdamW; gradients averaged across workers by hand."""
-
-    def __init__(self, box: _Box, cfg: TrainConfig, og: OptimGroup):
-        self.box, self.cfg = box, cfg
-        self.opt = _optimizer(box, cfg, og)
-        self.sched = _schedule(cfg)(self.opt)
-        self.micro = 0
-        self.params = [p for p in box.parameters() if p.requires_grad]
-
-    def backward_step(self, loss: Tensor) -> None:
-        self.calls += 1
-        (loss / self.cfg.grad_accum).backward()
-        self.micro += 1
-        if self.micro % self.cfg.grad_accum:
-            return
-        _, world = _rank_world()
-        if world > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        self.norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
-
-    def save(self, path: str, rank: int) -> None:
-        if rank == 0:  # replicated state: one copy
-            os.makedirs(path, exist_ok=True)
-            torch.save({"modules": self.box.state_dict(), "optimizer": self.opt.state_dict(),
-                        "scheduler": self.sched.state_dict(), "micro": self.micro}, os.path.join(path, "state.pt"))
-
-    def load(self, path: str) -> None:
-        state = torch.load(os.path.join(path, "state.pt"), map_location=next(self.box.parameters()).device,
-                           weights_only=True)
-        self.box.load_state_dict(state["modules"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.micro = state["micro"]
-
-
-def _import_deepspeed():
-    import deepspeed
-
-    # The CPU accelerator compiles a shared-memory comm op on every initialize (about a
-    # minute, cold) that training does not use. Patch the module DeepSpeed itself imports.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return deepspeed
-
-
-def ds_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed config of one engine. Precision is torch.autocast around the step (fp32 master
-    weights, identical in both engines), so no fp16/bf16 section."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-        if cfg.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    return {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch AdamW as client optimizer
-        "zero_force_ds_cpu_optimizer": False,  # and with offload, too
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-class _DeepSpeedGroup(_Group):
-    def __init__(self, box: _Box, cfg: TrainConfig, og: OptimGroup, on_gpu: bool):
-        deepspeed = _import_deepspeed()
-        self.cfg = cfg
-        self.box = box
-        self.engine, *_ = deepspeed.initialize(model=box, optimizer=_optimizer(box, cfg, og),
-                                               lr_scheduler=_schedule(cfg), config=ds_config(cfg, on_gpu),
-                                               dist_init_required=False)
-        self.want_norm = False
-
-    def backward_step(self, loss: Tensor) -> None:
-        self.calls += 1
-        loss = self.engine(loss)
-        self.engine.backward(loss)
-        if self.cfg.zero_stage == 0 and self.want_norm and self.engine.is_gradient_accumulation_boundary():
-            # ZeRO 1-3 report the norm they clip with; stage 0 does not, so measure it (grads are
-            # already averaged across workers here).
-            grads = [p.grad for p in self.box.parameters() if p.grad is not None]
-            self.norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        if boundary and self.cfg.zero_stage > 0:
-            self.norm = self.engine.get_global_grad_norm()
-
-    def lr(self) -> float:
-        return self.engine.get_lr()[0]
-
-    def save(self, path: str, rank: int) -> None:
-        self.engine.save_checkpoint(path, tag="ds", save_latest=False)  # every rank, or it hangs
-
-    def load(self, path: str) -> None:
-        loaded = None
-        if os.path.isdir(os.path.join(path, "ds")):  # else DeepSpeed asserts deep inside
-            loaded, _ = self.engine.load_checkpoint(path, tag="ds")
-        if loaded is None:  # DeepSpeed may also return (None, None) instead of raising
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
-
-
-# ----------------------------------------------------------------------------------------
 # Process group, devices, RNG.
 
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @contextlib.contextmanager
@@ -306,7 +144,7 @@ def _process_group(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # for the whole run: DeepSpeed reads LOCAL_RANK again in initialize()
     try:
-        _import_deepspeed().init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+        import_deepspeed().init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                              auto_mpi_discovery=False, verbose=False)
         yield
     finally:
@@ -394,7 +232,7 @@ def _control_group() -> Any:
 
 
 def _all(flag: bool, group: Any = None) -> bool:
-    _, world = _rank_world()
+    _, world = rank_world()
     if world == 1:
         return flag
     t = torch.tensor([int(flag)])
@@ -453,7 +291,7 @@ def _gathered(module: nn.Module) -> ContextManager[Any]:
     """Full parameters of a ZeRO-3 partitioned module on every rank (a collective)."""
     params = list(module.parameters())
     if params and hasattr(params[0], "ds_id"):
-        return _import_deepspeed().zero.GatheredParameters(params, modifier_rank=None)
+        return import_deepspeed().zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
 
@@ -518,7 +356,7 @@ def run(spec: TrainSpec, cfg: TrainConfig, out: Artifact, *, checkpoints: Checkp
 
 
 def _build(spec: TrainSpec, cfg: TrainConfig, device: torch.device
-           ) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, nn.Module], dict[str, _Group]]:
+           ) -> tuple[dict[str, nn.Module], dict[str, str], dict[str, nn.Module], dict[str, Group]]:
     """Models (identical on every rank), module -> group, EMA copies, one engine per group."""
     _seed(cfg.seed)
     models = spec.build_models(cfg)
@@ -537,11 +375,11 @@ def _build(spec: TrainSpec, cfg: TrainConfig, device: torch.device
             m.train()
     ema_names = tuple(owner) if spec.ema_modules is None else spec.ema_modules
     ema = {n: copy.deepcopy(models[n]).requires_grad_(False).eval() for n in ema_names}  # before ZeRO-3 partitions
-    groups: dict[str, _Group] = {}
+    groups: dict[str, Group] = {}
     for g, og in spec.optimizers.items():
-        box = _Box({m: models[m] for m in og.modules})
-        groups[g] = (_DeepSpeedGroup(box, cfg, og, device.type == "cuda") if cfg.engine == "deepspeed"
-                     else _TorchGroup(box, cfg, og))
+        box = Box({m: models[m] for m in og.modules})
+        groups[g] = (DeepSpeedGroup(box, cfg, og, device.type == "cuda") if cfg.engine == "deepspeed"
+                     else TorchGroup(box, cfg, og))
     return models, owner, ema, groups
 
 
@@ -549,7 +387,7 @@ def _run(spec: TrainSpec, cfg: TrainConfig, out: Artifact, checkpoints: Checkpoi
          data: DataFn | None, extra_data: dict[str, Any], model_config: dict[str, Any],
          device: torch.device) -> dict[str, Any]:
     t_start = time.time()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world != cfg.world_size:
         raise RuntimeError(f"running on {world} workers but train.num_workers={cfg.num_workers}")
     bf16 = cfg.bf16(device.type == "cuda")
@@ -678,14 +516,14 @@ def _reduce_mean(values: dict[str, Any], device: torch.device) -> dict[str, floa
         return {}
     keys = sorted(values)
     t = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=device) for k in keys])
-    _, world = _rank_world()
+    _, world = rank_world()
     if world > 1:
         dist.all_reduce(t)
         t /= world
     return dict(zip(keys, t.tolist()))
 
 
-def _save(checkpoints: Checkpoints, st: _State, groups: dict[str, _Group], ema: dict[str, nn.Module], rank: int,
+def _save(checkpoints: Checkpoints, st: _State, groups: dict[str, Group], ema: dict[str, nn.Module], rank: int,
           cfg: TrainConfig, model_config: dict[str, Any]) -> None:
     """Every rank writes its part into its own local directory; Ray merges them in storage."""
     tmp = tempfile.mkdtemp(prefix="ckpt-")
@@ -712,7 +550,7 @@ def _save(checkpoints: Checkpoints, st: _State, groups: dict[str, _Group], ema: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(path: str, st: _State, groups: dict[str, _Group], ema: dict[str, nn.Module], rank: int) -> None:
+def _load(path: str, st: _State, groups: dict[str, Group], ema: dict[str, nn.Module], rank: int) -> None:
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     for g, grp in groups.items():
