@@ -18,3 +18,9 @@ def heldout_mask(sample_ids, fraction: float, salt: str = "genmodels-heldout") -
     cut = int(fraction * 2**32)
     return np.array([int.from_bytes(hashlib.sha256(f"{salt}:{s}".encode()).digest()[:4], "big") < cut
                      for s in sample_ids], dtype=bool)
+
+
+def row_ids(sample_ids) -> np.ndarray:
+    """Stable int64 ids from sample ids (the training loop's exact-resume key)."""
+    return np.array([int.from_bytes(hashlib.sha256(str(s).encode()).digest()[:8], "big") >> 1 for s in sample_ids],
+                    dtype=np.int64)

@@ -55,8 +55,7 @@ def run(inputs: dict[str, Artifact], cfg: UrlsConfig, out: Artifact) -> dict:
 
         items = list(demo_data.generate(cfg.n, cfg.seed, cfg.min_size, cfg.max_size)) + list(demo_data.broken_items())
         rows = demo_data.write_site(out.fs, out.child("site"), items)
-        demo_data.write_url_parquet(rows, base_url(cfg), out.fs, out.child("urls.parquet"))
-        table = pq.read_table(out.child("urls.parquet"), filesystem=out.fs)
+        table = demo_data.write_url_parquet(rows, base_url(cfg), out.fs, out.child("urls.parquet"))
         log.info("[urls] demo site: %d items (%d broken on purpose) served at %s", len(items),
                  sum(r != "ok" for r in table.column("expected").to_pylist()), base_url(cfg))
     else:

@@ -89,7 +89,7 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
 def _wait_for_job_agent(dashboard: str, deadline: float) -> None:
     """The dashboard answers before the head's job agent registers; until then a submission gets
     HTTP 500 'No available agent'. Submit a no-op job until one is accepted and has finished."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(dashboard)
     while True:
@@ -100,7 +100,7 @@ def _wait_for_job_agent(dashboard: str, deadline: float) -> None:
             if "No available agent" not in str(e) or time.time() > deadline:
                 raise
             time.sleep(1)
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    while not client.get_job_status(job).is_terminal():
         if time.time() > deadline:
             raise RuntimeError("the no-op readiness job did not finish")
         time.sleep(0.5)

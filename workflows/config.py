@@ -83,6 +83,14 @@ def build(cls: type, data: Any, where: str) -> Any:
     return obj
 
 
+def check(checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ``ValueError("key: problem")`` for the first failed ``(key, ok, problem)``; ``build``
+    prefixes the section, so the user reads ``stages.<stage>.<key>: <problem>``."""
+    for key, ok, msg in checks:
+        if not ok:
+            raise ValueError(f"{key}: {msg}")
+
+
 def _check_path(value: str, key: str) -> None:
     if "://" in value:  # remote inputs are checked by the stage that reads them
         return

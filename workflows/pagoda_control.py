@@ -31,10 +31,11 @@ from torch import Tensor
 
 from genmodels.metrics.swd import swd
 from genmodels.pagoda import Generator, GeneratorConfig, GrowthConfig, control, grow_2x, sample_latents
+from workflows.config import check
 from workflows.pagoda_invert import TextEncoder, load_teacher, read_rows, unet_from_dict
 from workflows.pagoda_stages import load_generator
 from workflows.store import Artifact, open_artifact
-from workflows.train.export import png_grid
+from workflows.train.export import png_grid, png_image
 
 # ------------------------------------------------------------------------------------------
 # pagoda_sample stage
@@ -56,12 +57,10 @@ class SampleConfig:
     num_gpus: float = 0.0
 
     def validate(self) -> None:
-        for key, ok, msg in [("n", self.n >= 1, "must be >= 1"), ("swd_real", self.swd_real >= 2, "must be >= 2"),
-                             ("swd_fakes_per_real", self.swd_fakes_per_real >= 1, "must be >= 1"),
-                             ("heldout_fraction", 0 < self.heldout_fraction < 1, "expected (0, 1): SWD needs held-out"),
-                             ("batch_size", self.batch_size >= 1, "must be >= 1")]:
-            if not ok:
-                raise ValueError(f"{key}: {msg}")
+        check([("n", self.n >= 1, "must be >= 1"), ("swd_real", self.swd_real >= 2, "must be >= 2"),
+               ("swd_fakes_per_real", self.swd_fakes_per_real >= 1, "must be >= 1"),
+               ("heldout_fraction", 0 < self.heldout_fraction < 1, "expected (0, 1): SWD needs held-out"),
+               ("batch_size", self.batch_size >= 1, "must be >= 1")])
 
 
 def resources(cfg: SampleConfig) -> dict[str, float]:
@@ -118,7 +117,7 @@ def sample_generators(gens: list[tuple[int, str, Artifact]], real: dict[str, np.
         counts[f"ms_per_image_{r}"] = round(1e3 * (time.perf_counter() - t0) / cfg.n, 3)
         out.write_bytes(f"grid_{r}.png", png_grid(x))
         for i, img in enumerate(x):
-            out.write_bytes(f"samples/{r}/{i:04d}.png", png_bytes(img))
+            out.write_bytes(f"samples/{r}/{i:04d}.png", png_image(img))
         final = gen
 
     r = gens[-1][0]
@@ -166,19 +165,10 @@ def load_image(path: str, size: int | None = None) -> Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1)[None]
 
 
-def png_bytes(x: Tensor) -> bytes:
-    import io
-
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _write(out_dir: str, name: str, x: Tensor) -> str:
     path = os.path.join(out_dir, name)
     with open(path, "wb") as f:
-        f.write(png_bytes(x))
+        f.write(png_image(x))
     return path
 
 
@@ -228,11 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "transfer":
             y = load_image(args.image[0], r)
             src, tgt = cond(args.src_prompt), cond(args.prompt)
+            z = control.encode(teacher, y, args.points, **src)  # control.condition_transfer, inverted once for both
             written += [_write(args.out, "input.png", y[0]),
-                        _write(args.out, "reconstruction.png", control.condition_transfer(gen, teacher, y, src, src,
-                                                                                          args.points)[0]),
-                        _write(args.out, "transfer.png", control.condition_transfer(gen, teacher, y, src, tgt,
-                                                                                    args.points)[0])]
+                        _write(args.out, "reconstruction.png", gen(z, **src)[0]),
+                        _write(args.out, "transfer.png", gen(z, **tgt)[0])]
         elif args.command == "interpolate":
             if len(args.image) != 2:
                 raise SystemExit("interpolate: give --image twice")

@@ -17,7 +17,6 @@ unfinished one. ``pairs.json`` (then the manifest) is written last.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import time
@@ -31,9 +30,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from data_prep.splits import heldout_mask
+from data_prep.filter import actor_resources
+from data_prep.splits import heldout_mask, row_ids
 from genmodels import clip as clip_mod
 from genmodels.pagoda import EDMPrecond, PagodaConfig, UNet, UNetConfig, invert_latents, ode_sample
+from workflows.config import check
 from workflows.store import Artifact
 from workflows.train import load_weights
 
@@ -42,12 +43,6 @@ from workflows.train import load_weights
 
 
 _IMAGE_COLUMN = re.compile(r"^(jpg|jpeg|png|webp)_(\d+)$")
-
-
-def row_ids(sample_ids: np.ndarray) -> np.ndarray:
-    """Stable int64 ids for the harness's exact resume (sample ids are strings)."""
-    return np.array([int.from_bytes(hashlib.sha256(str(s).encode()).digest()[:8], "big") >> 1 for s in sample_ids],
-                    dtype=np.int64)
 
 
 def decode_images(column: np.ndarray, size: int) -> np.ndarray:
@@ -220,9 +215,7 @@ class InvertConfig:
                   ("heldout_fraction", 0 <= self.heldout_fraction < 1, "expected [0, 1)"),
                   ("files_per_chunk", self.files_per_chunk >= 1, "must be >= 1"),
                   ("check_samples", self.check_samples >= 0, "must be >= 0")]
-        for key, ok, msg in checks:
-            if not ok:
-                raise ValueError(f"{key}: {msg}")
+        check(checks)
 
 
 def resources(cfg: InvertConfig) -> dict[str, float]:
@@ -306,7 +299,6 @@ def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) ->
     src = image_column(names, base)
     files = [shard.child_uri(n) for n in shard.list(".parquet")]
     chunks = [files[i:i + cfg.files_per_chunk] for i in range(0, len(files), cfg.files_per_chunk)]
-    resources = {"num_gpus": cfg.num_gpus, "num_cpus": 0} if cfg.num_gpus else {"num_cpus": cfg.num_cpus}
 
     def inverted(paths: list[str], check: int):
         ds = read_rows(shard, base, cfg.heldout_fraction, cfg.caption_column, fraction=cfg.fraction,
@@ -315,7 +307,7 @@ def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) ->
             Inverter, fn_constructor_kwargs={"teacher": teacher, "points": cfg.points, "carry": carry,
                                              "check": check, "report": out},
             batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            **resources)
+            **actor_resources(cfg.num_gpus, cfg.num_cpus))
 
     t0, rows, skipped = time.time(), 0, 0
     for i, paths in enumerate(chunks):

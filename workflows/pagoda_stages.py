@@ -41,10 +41,12 @@ from genmodels.pagoda import (
     discriminator_loss,
     generator_loss,
     grow_2x,
+    grown_config,
     ode_sample,
     teacher_loss,
 )
 from genmodels.pagoda.unet import PRESETS as NET_PRESETS
+from workflows.config import check
 from workflows.pagoda_invert import (
     TextColumns,
     load_teacher,
@@ -77,18 +79,6 @@ def _train(**kw) -> Callable[[], TrainConfig]:
                                   "ema_decay": 0.99, **kw})
 
 
-def train_resources(cfg: Any) -> dict[str, float]:
-    """What a training stage holds (Stage.resources): its Ray Train workers."""
-    t, n = cfg.train, max(cfg.train.num_workers, 1)
-    return {"CPU": t.cpus_per_worker * n, **({"GPU": t.gpus_per_worker * n} if t.use_gpu else {})}
-
-
-def _check(checks: list[tuple[str, bool, str]]) -> None:
-    for key, ok, msg in checks:
-        if not ok:
-            raise ValueError(f"{key}: {msg}")
-
-
 # ------------------------------------------------------------------------------------------
 # Configs
 
@@ -111,7 +101,7 @@ class TeacherConfig:
     train: TrainConfig = field(default_factory=_train(lr=2e-4, total_steps=400))
 
     def validate(self) -> None:
-        _check([("size", self.size in NETS, f"expected one of {sorted(NETS)}, got {self.size!r}"),
+        check([("size", self.size in NETS, f"expected one of {sorted(NETS)}, got {self.size!r}"),
                 ("resolution", self.resolution >= 8 and self.resolution % 4 == 0, "must be a multiple of 4, >= 8"),
                 ("text_tokens", 1 <= self.text_tokens <= 77, "expected 1-77"),
                 ("heldout_fraction", 0 <= self.heldout_fraction < 1, "expected [0, 1)"),
@@ -140,7 +130,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=_train(lr=1e-4, total_steps=200))
 
     def validate(self) -> None:
-        _check([("w_adv", self.w_adv >= 0, "must be >= 0"), ("w_rec_adv", self.w_rec_adv >= 0, "must be >= 0"),
+        check([("w_adv", self.w_adv >= 0, "must be >= 0"), ("w_rec_adv", self.w_rec_adv >= 0, "must be >= 0"),
                 ("lr_d", self.lr_d > 0, "must be > 0"), ("perceptual", len(self.perceptual) >= 1, "needs a net"),
                 ("omega_range", self.omega_range[0] <= self.omega_range[1], "expected (low, high)"),
                 ("omega_cond", self.omega_cond or (self.w_dstl == 0 and self.omega_range == (0.0, 0.0)),
@@ -158,7 +148,7 @@ class GrowConfig(DistillConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check([("resolution", self.resolution >= 16, "must be >= 16"), ("channels", self.channels >= 0, ">= 0"),
+        check([("resolution", self.resolution >= 16, "must be >= 16"), ("channels", self.channels >= 0, ">= 0"),
                 ("trainable_levels", self.trainable_levels >= 0, "must be >= 0")])
 
 
@@ -343,10 +333,9 @@ def run_grow(inputs: dict[str, Artifact], cfg: GrowConfig, out: Artifact) -> dic
     prev_meta = prev[0].read_json("model_config.json")
     if cfg.resolution != 2 * prev_meta["resolution"]:
         raise ValueError(f"resolution: {cfg.resolution} is not twice the input generator's {prev_meta['resolution']}")
-    old = unet_from_dict(prev_meta["unet"])
-    top = old.grown[-1] if old.grown else old.model_channels * old.channel_mult[0]  # as growth.grow_2x
-    unet = dataclasses.replace(old, grown=old.grown + (cfg.channels or top,))
+    gcfg = growth_config(cfg)
+    unet = grown_config(unet_from_dict(prev_meta["unet"]), gcfg)
     meta = {**prev_meta, "unet": dataclasses.asdict(unet), "resolution": cfg.resolution,
-            "growth": dataclasses.asdict(growth_config(cfg))}
+            "growth": dataclasses.asdict(gcfg)}
     return _fit_generator(cfg, inputs["pagoda_invert"], cfg.resolution, meta,
-                          lambda: grow_2x(load_generator(prev[0])[0].train(), growth_config(cfg)), out)
+                          lambda: grow_2x(load_generator(prev[0])[0].train(), gcfg), out)

@@ -121,12 +121,13 @@ def write_report(summary: dict[str, Any], store: Store, run_art: Artifact, price
     rows = summary["stages"]
     arts = {r["stage"]: store.artifact(r["stage"], r["key"]) for r in rows}
     costs, total = cost_table(rows, prices)
+    curves = loss_curves(arts)
     data = {"run_id": summary["run_id"], "root": summary["root"], "wall_s": summary["wall_s"],
             "stages": rows, "cost": costs, "cost_total": total, "funnel": funnel(arts),
             "metrics": metrics_tables(arts), "grids": grids(arts),
             "final_losses": {k: {m: v for m, v in recs[-1].items() if m.startswith("loss")}
-                             for k, recs in loss_curves(arts).items() if recs}}
-    curve_png = _plot_losses(loss_curves(arts))
+                             for k, recs in curves.items() if recs}}
+    curve_png = _plot_losses(curves)
     if curve_png:
         run_art.write_bytes("loss_curves.png", curve_png)
     run_art.write_json("report.json", data)

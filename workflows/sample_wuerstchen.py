@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import posixpath
@@ -51,7 +50,7 @@ from genmodels.wuerstchen import (
 )
 from genmodels.wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
 from workflows.store import Artifact, filesystem, open_artifact
-from workflows.train.export import png_grid
+from workflows.train.export import png_grid, png_image
 from workflows.wuerstchen_encode import TextEncoderConfig
 from workflows.wuerstchen_stages import SampleConfig, build_module, load_trained, model_config
 
@@ -259,15 +258,6 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def png(image: torch.Tensor) -> bytes:
-    from PIL import Image
-
-    x = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(x).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_outputs(out: Artifact, images: torch.Tensor, prompts: list[str], cfg: SampleConfig) -> dict[str, Any]:
     n = cfg.n_per_prompt
     out.write_bytes("grid.png", png_grid(images, nrow=n))  # one row per prompt
@@ -275,7 +265,7 @@ def write_outputs(out: Artifact, images: torch.Tensor, prompts: list[str], cfg: 
     for i, prompt in enumerate(prompts):
         for j in range(n):
             name = f"samples/{i:03d}_{j:02d}.png"
-            out.write_bytes(name, png(images[i * n + j]))
+            out.write_bytes(name, png_image(images[i * n + j]))
             records.append({"file": name, "prompt": prompt, "prompt_index": i, "sample": j, "seed": cfg.seed + i})
     out.write_json("prompts.json", records)
     return {"images": len(records), "prompts": len(prompts), "image_size": int(images.shape[-1])}

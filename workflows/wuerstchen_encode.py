@@ -18,7 +18,6 @@ empty caption's token states (condition dropout / CFG) and ``info.json`` the sha
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from data_prep.splits import heldout_mask
+from data_prep.splits import heldout_mask, row_ids
 from workflows.store import Artifact
 
 log = logging.getLogger("genmodels")
@@ -106,12 +105,6 @@ class EncodeSemanticConfig(EncodeConfig):
 
 # ----------------------------------------------------------------------------------------------
 # Row helpers (pure numpy; used by the encode stages and by Stage A's training data)
-
-
-def row_ids(sample_ids) -> np.ndarray:
-    """Stable int64 ids from sample ids (the training loop's exact-resume key)."""
-    return np.array([int.from_bytes(hashlib.sha256(str(s).encode()).digest()[:8], "big") >> 1 for s in sample_ids],
-                    dtype=np.int64)
 
 
 def training_rows(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:

@@ -53,7 +53,7 @@ from genmodels.wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
 from workflows import wuerstchen_encode as enc
 from workflows.stage import Stage
 from workflows.store import Artifact
-from workflows.train import OptimGroup, TrainConfig, TrainSpec, fit, load_weights
+from workflows.train import OptimGroup, TrainConfig, TrainSpec, fit, load_weights, train_resources
 
 # kind -> (network, its config class, named sizes)
 MODELS = {
@@ -380,14 +380,6 @@ def sample(inputs: dict[str, Artifact], cfg: SampleConfig, out: Artifact) -> dic
     from workflows import sample_wuerstchen
 
     return sample_wuerstchen.run_stage(inputs, cfg, out)
-
-
-def train_resources(cfg) -> dict[str, float]:
-    t = cfg.train
-    res = {"CPU": t.cpus_per_worker * t.world_size}
-    if t.use_gpu:
-        res["GPU"] = t.gpus_per_worker * t.world_size
-    return res
 
 
 def encode_resources(cfg) -> dict[str, float]:

@@ -9,7 +9,7 @@ from genmodels.pagoda.control import condition_transfer, encode, inpaint, interp
 from genmodels.pagoda.discriminator import DiscriminatorConfig, ProjectedDiscriminator, diff_augment
 from genmodels.pagoda.edm import EDMConfig, EDMPrecond, Guided, edm_coeffs, edm_loss, guided_denoise
 from genmodels.pagoda.generator import Generator, GeneratorConfig, sample_latents
-from genmodels.pagoda.growth import GrowthConfig, copy_matching, grow_2x, set_trainable
+from genmodels.pagoda.growth import GrowthConfig, copy_matching, grow_2x, grown_config, set_trainable
 from genmodels.pagoda.losses import (
     FrozenFeatures,
     TinyFeatures,
@@ -62,6 +62,7 @@ __all__ = [
     "g_hinge_loss",
     "generator_loss",
     "grow_2x",
+    "grown_config",
     "guided_denoise",
     "heun_solve",
     "inpaint",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from genmodels.pagoda.generator import Generator
-from genmodels.pagoda.unet import UNet
+from genmodels.pagoda.unet import UNet, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,16 @@ def set_trainable(gen: Generator, cfg: GrowthConfig = GrowthConfig()) -> None:
                 module.requires_grad_(True)
 
 
+def grown_config(old: UNetConfig, cfg: GrowthConfig = GrowthConfig()) -> UNetConfig:
+    """The network config after one 2x growth: one more decoder level, as wide as the current top one
+    unless ``cfg.channels`` says otherwise."""
+    top_channels = old.grown[-1] if old.grown else old.model_channels * old.channel_mult[0]
+    return dataclasses.replace(old, grown=old.grown + (cfg.channels or top_channels,))
+
+
 def grow_2x(gen: Generator, cfg: GrowthConfig = GrowthConfig()) -> Generator:
     """Return a new generator with one more 2x decoder level, weights copied, freezing applied."""
-    old = gen.net.cfg
-    top_channels = old.grown[-1] if old.grown else old.model_channels * old.channel_mult[0]
-    new_cfg = dataclasses.replace(old, grown=old.grown + (cfg.channels or top_channels,))
-    new = Generator(UNet(new_cfg), gen.cfg).to(next(gen.parameters()).device)
+    new = Generator(UNet(grown_config(gen.net.cfg, cfg)), gen.cfg).to(next(gen.parameters()).device)
     copy_matching(new, gen)
     set_trainable(new, cfg)
     return new

@@ -9,6 +9,6 @@ as a ``TrainSpec`` (plain PyTorch), and calls ``fit(spec, cfg.train, out, datase
 from workflows.train.config import TrainConfig
 from workflows.train.export import load_weights
 from workflows.train.loop import OptimGroup, TrainContext, TrainSpec
-from workflows.train.ray_adapter import fit
+from workflows.train.ray_adapter import fit, train_resources
 
-__all__ = ["OptimGroup", "TrainConfig", "TrainContext", "TrainSpec", "fit", "load_weights"]
+__all__ = ["OptimGroup", "TrainConfig", "TrainContext", "TrainSpec", "fit", "load_weights", "train_resources"]

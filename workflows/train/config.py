@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from workflows.config import check
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -74,13 +76,16 @@ class TrainConfig:
             ("ema_decay", 0 <= self.ema_decay < 1, "expected a value in [0, 1)"),
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1: unlimited)"),
         ]
-        for key, ok, msg in checks:
-            if not ok:
-                raise ValueError(f"{key}: {msg}")
+        check(checks)
 
     @property
     def world_size(self) -> int:
         return max(self.num_workers, 1)
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What one Ray Train worker holds."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
     @property
     def global_batch(self) -> int:

@@ -149,18 +149,17 @@ class DeepSpeedGroup(Group):
         self.engine, *_ = deepspeed.initialize(model=box, optimizer=_optimizer(box, cfg, og),
                                                lr_scheduler=_schedule(cfg), config=ds_config(cfg, on_gpu),
                                                dist_init_required=False)
-        self.want_norm = False
 
     def backward_step(self, loss: Tensor) -> None:
         self.calls += 1
         loss = self.engine(loss)
         self.engine.backward(loss)
-        if self.cfg.zero_stage == 0 and self.want_norm and self.engine.is_gradient_accumulation_boundary():
+        boundary = self.engine.is_gradient_accumulation_boundary()  # changes only inside engine.step()
+        if self.cfg.zero_stage == 0 and self.want_norm and boundary:
             # ZeRO 1-3 report the norm they clip with; stage 0 does not, so measure it (grads are
             # already averaged across workers here).
             grads = [p.grad for p in self.box.parameters() if p.grad is not None]
             self.norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
-        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         if boundary and self.cfg.zero_stage > 0:
             self.norm = self.engine.get_global_grad_norm()

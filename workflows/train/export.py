@@ -65,11 +65,25 @@ def _safetensors(sd: dict[str, Tensor], name: str, ema: str, step: str) -> bytes
     return st_save(tensors, metadata={"module": name, "ema": ema, "step": step})
 
 
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Images in [-1, 1] (any leading dims, channels first) -> uint8 numpy, same layout."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def png_image(image: Tensor) -> bytes:
+    """One CHW image in [-1, 1] to PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image).transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def png_grid(images: Tensor, nrow: int | None = None) -> bytes:
     """NCHW images in [-1, 1] (C = 1 or 3) to one PNG, tiles separated by 2 px."""
     from PIL import Image
 
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    x = to_uint8(images)
     if x.shape[2] < 64:  # tiny test images: enlarge (nearest) so the grid can be looked at
         f = -(-64 // x.shape[2])
         x = x.repeat(f, axis=2).repeat(f, axis=3)

@@ -193,15 +193,19 @@ def _rows(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
+def drop_ids(batch: Batch, skip: np.ndarray, id_col: str) -> Batch:
+    """The rows of ``batch`` whose id is not in ``skip`` (the batch itself when none is)."""
+    keep = ~np.isin(batch[id_col], skip)
+    return batch if keep.all() else {k: v[keep] for k, v in batch.items()}
+
+
 def _drop_ids(batches: Iterable[Batch], skip: np.ndarray | None, id_col: str) -> Iterator[Batch]:
     for b in batches:
         if id_col not in b:
             raise KeyError(f"training data needs a stable id column {id_col!r} for exact resume "
                            f"(columns: {sorted(b)}); set TrainSpec.id_column")
         if skip is not None and len(skip):
-            keep = ~np.isin(b[id_col], skip)
-            if not keep.all():
-                b = {k: v[keep] for k, v in b.items()}
+            b = drop_ids(b, skip, id_col)
         if _rows(b):
             yield b
 

@@ -72,13 +72,6 @@ class RayCheckpoints:
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
-def _drop_rows(batch: dict[str, Any], skip: Any, id_col: str) -> dict[str, Any]:
-    import numpy as np
-
-    keep = ~np.isin(batch[id_col], skip)
-    return {k: v[keep] for k, v in batch.items()}
-
-
 def _remaining(ds: Any, skip: Any, id_col: str, rank: int, world: int) -> Any:
     """A resumed epoch: the rows of ``ds`` not yet trained on, split equally over the workers.
 
@@ -87,7 +80,7 @@ def _remaining(ds: Any, skip: Any, id_col: str, rank: int, world: int) -> Any:
     rank 0 splits the remainder once and hands the iterators out (a collective).
     """
     ds = ds() if callable(ds) else ds  # Ray Train accepts dataset factories too
-    rest = ds.map_batches(_drop_rows, fn_kwargs={"skip": skip, "id_col": id_col}, batch_format="numpy")
+    rest = ds.map_batches(loop.drop_ids, fn_kwargs={"skip": skip, "id_col": id_col}, batch_format="numpy")
     if world == 1:
         return rest
     import torch.distributed as dist
@@ -129,6 +122,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     model_config=config["model_config"], device=device)
 
 
+def train_resources(stage_cfg: Any) -> dict[str, float]:
+    """What a training stage holds (``Stage.resources``): all of its Ray Train workers."""
+    t = stage_cfg.train
+    return {k: v * t.world_size for k, v in t.worker_resources.items()}
+
+
 def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, Any] | None = None,
         model_cfg_json: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``spec`` on ``datasets["train"]`` (others reach ``ctx.data``) and export into ``out``.
@@ -141,9 +140,6 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
     datasets = dict(datasets or {})
     if datasets and "train" not in datasets:
         raise ValueError(f"datasets: expected a 'train' entry, got {sorted(datasets)}")
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
     run_config = ray.train.RunConfig(
         name=RUN_NAME, storage_path=out.path, storage_filesystem=out.fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -153,7 +149,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
         train_loop_config={"spec": spec, "cfg": cfg, "out": out, "model_config": model_cfg_json or {},
                            "dataset_names": sorted(datasets), "train_dataset": datasets.get("train")},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=cfg.worker_resources),
         run_config=run_config, datasets=datasets or None)
     result = trainer.fit()
     summary = result.return_value
