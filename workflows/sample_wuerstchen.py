@@ -48,11 +48,17 @@ from genmodels.wuerstchen import (
     sample_stage_b,
     sample_stage_c,
 )
-from genmodels.wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
 from workflows.store import Artifact, filesystem, open_artifact
 from workflows.train.export import png_grid, png_image
 from workflows.wuerstchen_encode import TextEncoderConfig
-from workflows.wuerstchen_stages import SampleConfig, build_module, load_trained, model_config
+from workflows.wuerstchen_stages import (
+    SampleConfig,
+    build_module,
+    load_trained,
+    model_config,
+    sem_latent_size,
+    stage_c_steps,
+)
 
 OFFICIAL_SUBDIR = {"stage_c": "prior", "stage_b": "decoder", "stage_a": "vqgan"}
 OFFICIAL_TEXT = {"stage_c": TextEncoderConfig("ViT-bigG-14", "laion2b_s39b_b160k"),
@@ -75,9 +81,7 @@ class ModelSet:
         return self
 
     def sem_size(self, image_size: int) -> tuple[int, int]:
-        cfg = dict(self.compressor, pretrained=False)
-        with torch.device("meta"):
-            return build_module("compressor", cfg).latent_size((image_size, image_size))
+        return sem_latent_size(self.compressor, image_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,8 +90,8 @@ class ModelSet:
 
 def load_trained_set(a: Artifact, b: Artifact, c: Artifact) -> ModelSet:
     mb, mc = b.read_json("model_config.json"), c.read_json("model_config.json")
-    return ModelSet(stage_a=load_trained(a, "stage_a"), stage_b=load_trained(b, "stage_b"),
-                    stage_c=load_trained(c, "stage_c"), text_c=TextEncoderConfig(**mc["text_encoder"]),
+    return ModelSet(stage_a=load_trained(a, "stage_a"), stage_b=load_trained(b, "stage_b", meta=mb),
+                    stage_c=load_trained(c, "stage_c", meta=mc), text_c=TextEncoderConfig(**mc["text_encoder"]),
                     text_b=TextEncoderConfig(**mb["text_encoder"]), compressor=mb["modules"]["compressor"],
                     image_size=int(mb["resolution"]))
 
@@ -233,7 +237,7 @@ def generate(ms: ModelSet, cfg: SampleConfig,
     tc, tc_u = text_states(ms.text_c, prompts, device)
     tb, tb_u = (tc, tc_u) if ms.text_b == ms.text_c else text_states(ms.text_b, prompts, device)
     times = {"text": time.perf_counter() - t0}
-    ts_c = stage_c_timesteps() if cfg.steps_c == 29 else linear_timesteps(cfg.steps_c)
+    ts_c = stage_c_steps(cfg.steps_c)
     models = {"stage_a": ms.stage_a, "stage_b": ms.stage_b, "stage_c": ms.stage_c}
     n = cfg.n_per_prompt
     # All prompts in one batch; prompt i draws all its noise from its own generator (seed + i).
@@ -326,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "wb") as f:
             f.write(png_grid(images, nrow=cfg.n_per_prompt))
     else:
-        write_outputs(open_artifact(args.out if "://" in args.out else os.path.abspath(args.out)), images, args.prompt, cfg)
+        out = open_artifact(args.out if "://" in args.out else os.path.abspath(args.out))
+        write_outputs(out, images, args.prompt, cfg)
     print(f"wrote {args.out}: {len(images)} images; seconds " + ", ".join(f"{k}={v:.2f}" for k, v in times.items()))
     return 0
 

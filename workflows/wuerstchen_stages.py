@@ -94,9 +94,10 @@ def build_module(kind: str, cfg: dict[str, Any] | Any):
     return net(cfg if isinstance(cfg, cls) else cls(**_typed(cls, cfg)))
 
 
-def load_trained(art: Artifact, kind: str, raw: bool = False):
-    """A frozen, eval-mode network from a training artifact (EMA weights unless ``raw``)."""
-    cfg = dict(art.read_json("model_config.json")["modules"][kind])
+def load_trained(art: Artifact, kind: str, raw: bool = False, meta: dict[str, Any] | None = None):
+    """A frozen, eval-mode network from a training artifact (EMA weights unless ``raw``);
+    ``meta``: its model_config.json when the caller has read it already."""
+    cfg = dict((meta or art.read_json("model_config.json"))["modules"][kind])
     if kind == "compressor":
         cfg["pretrained"] = False  # the trained weights replace ImageNet's: no download
     module = build_module(kind, cfg)
@@ -104,14 +105,16 @@ def load_trained(art: Artifact, kind: str, raw: bool = False):
     return module.eval().requires_grad_(False)
 
 
-def _asdict(cfg) -> dict[str, Any]:
-    return json_safe(dataclasses.asdict(cfg))
+def sem_latent_size(compressor: dict[str, Any] | CompressorConfig, image_size: int) -> tuple[int, int]:
+    """The compressor's latent grid at ``image_size`` (built on the meta device: no weights)."""
+    cfg = dataclasses.asdict(compressor) if isinstance(compressor, CompressorConfig) else compressor
+    with torch.device("meta"):
+        return build_module("compressor", dict(cfg, pretrained=False)).latent_size((image_size, image_size))
 
 
-def json_safe(x):
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
+def stage_c_steps(n: int) -> torch.Tensor:
+    """Stage C's sampling t's: the paper's schedule dense at high noise for its 29 steps, else linear."""
+    return stage_c_timesteps() if n == 29 else linear_timesteps(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def stage_a(inputs: dict[str, Artifact], cfg: StageATrainConfig, out: Artifact) 
     preview = _tensor(enc.decode_images(rows[image], cfg.resolution))
     net_cfg = model_config("stage_a", cfg.preset, cfg.overrides)
     mc = {"family": "wuerstchen", "stage": "stage_a", "preset": cfg.preset, "resolution": cfg.resolution,
-          "modules": {"stage_a": _asdict(net_cfg)}}
+          "modules": {"stage_a": dataclasses.asdict(net_cfg)}}
     perceptual = cfg.perceptual
 
     def build_models(tc: TrainConfig):
@@ -299,12 +302,11 @@ def stage_b(inputs: dict[str, Artifact], cfg: StageBTrainConfig, out: Artifact) 
     comp_cfg = model_config("compressor", cfg.compressor_preset, cfg.compressor_overrides)
     b_cfg = model_config("stage_b", cfg.preset, cfg.overrides, c_in=lat_c, c_clip=width, c_sem=comp_cfg.c_latent,
                          grad_checkpointing=cfg.train.activation_checkpointing)
-    with torch.device("meta"):
-        sem_hw = SemanticCompressor(dataclasses.replace(comp_cfg, pretrained=False)).latent_size((size, size))
+    sem_hw = sem_latent_size(comp_cfg, size)
     mc = {"family": "wuerstchen", "stage": "stage_b", "preset": cfg.preset, "resolution": size,
           "latent_shape": [lat_c, lat_h, lat_w], "sem_shape": [comp_cfg.c_latent, *sem_hw],
           "text_encoder": info["text_encoder"], "stage_a_uri": stage_a_art.uri,
-          "modules": {"stage_b": _asdict(b_cfg), "compressor": _asdict(comp_cfg)}}
+          "modules": {"stage_b": dataclasses.asdict(b_cfg), "compressor": dataclasses.asdict(comp_cfg)}}
 
     def build_models(tc: TrainConfig):
         # Stage A is frozen (no optimizer group) and only decodes the preview.
@@ -348,8 +350,8 @@ def stage_c(inputs: dict[str, Artifact], cfg: StageCTrainConfig, out: Artifact) 
                          grad_checkpointing=cfg.train.activation_checkpointing)
     mc = {"family": "wuerstchen", "stage": "stage_c", "preset": cfg.preset, "resolution": info["resolution"],
           "sem_shape": [sem_c, sem_h, sem_w], "text_encoder": info["text_encoder"],
-          "modules": {"stage_c": _asdict(c_cfg)}}
-    ts = stage_c_timesteps() if cfg.preview_steps == 29 else linear_timesteps(cfg.preview_steps)
+          "modules": {"stage_c": dataclasses.asdict(c_cfg)}}
+    ts = stage_c_steps(cfg.preview_steps)
 
     def step(ctx, batch, i):
         loss, logs = stage_c_loss(ctx.models, {

@@ -101,7 +101,7 @@ def fake_trained(art: Artifact, modules: dict[str, torch.nn.Module], **extra) ->
     """A training artifact as the harness exports it: weights/{name}.safetensors + model_config.json."""
     for name, m in modules.items():
         art.write_bytes(f"weights/{name}.safetensors", save({k: v.contiguous() for k, v in m.state_dict().items()}))
-    art.write_json("model_config.json", {"modules": {n: ws.json_safe(dataclasses.asdict(m.cfg))
+    art.write_json("model_config.json", {"modules": {n: dataclasses.asdict(m.cfg)
                                                      for n, m in modules.items()}, **extra})
     return art
 
