@@ -86,6 +86,25 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
             proc.kill()
 
 
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 for one test, with AWS_ENDPOINT_URL and test credentials set;
+    yields the endpoint URL. Tests create their own buckets."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
 def _wait_for_job_agent(dashboard: str, deadline: float) -> None:
     """The dashboard answers before the head's job agent registers; until then a submission gets
     HTTP 500 'No available agent'. Submit a no-op job until one is accepted and has finished."""

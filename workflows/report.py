@@ -11,11 +11,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 from typing import Any
 
 from workflows.store import Artifact, Store
+from workflows.train.export import read_history
 
 log = logging.getLogger("genmodels")
 
@@ -62,8 +62,7 @@ def loss_curves(arts: dict[str, Artifact]) -> dict[str, list[dict[str, Any]]]:
     curves = {}
     for name, art in arts.items():
         if art.manifest and art.exists("metrics.jsonl"):
-            lines = art.read_bytes("metrics.jsonl").decode().splitlines()
-            curves[name] = [json.loads(ln) for ln in lines if ln.strip()]
+            curves[name] = read_history(art)
     return curves
 
 

@@ -42,27 +42,10 @@ def test_dry_run_prints_plan_and_does_nothing(tmp_path):
     assert not list(Path(tmp_path).glob("*/*/manifest.json"))
 
 
-@pytest.fixture
-def moto_s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="genmodels-test")
-    yield endpoint
-    server.stop()
-
-
 def test_runner_writes_to_s3_root(moto_s3, tmp_path):
     import boto3
 
+    boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="genmodels-test")
     root = "s3://genmodels-test/run1"
     # Every kind of writer on S3, without the whole DAG: the data stages, one training stage (Ray
     # Train storage + DeepSpeed checkpoints) and one Ray Data encode stage.

@@ -272,33 +272,21 @@ def test_missing_columns_fail_with_the_column_name(ray_cluster, site, tmp_path):
         _run(download, download.DownloadConfig, DOWNLOAD, {"urls": urls}, store.artifact("download", "bad"))
 
 
-def test_download_partition_to_s3_uploads_then_commits(site, monkeypatch):
+def test_download_partition_to_s3_uploads_then_commits(site, moto_s3):
     """S3 root (loopback moto server): img2dataset writes locally, files are uploaded, commit last."""
     import tarfile
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    from tests.conftest import free_port
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(k, v)
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="dataprep-test")
-        out = Store("s3://dataprep-test/run").artifact("download", "s3")
-        cfg = build(download.DownloadConfig, DOWNLOAD, "stages.download")
-        part = download.plan_partitions(site["urls"], cfg)[-1]  # the last 12 rows: all good images
-        rec = download.download_partition(part, cfg, site["urls"], out)
-        assert rec["rows"] == part.stop - part.start == rec["ok"] and not rec["failed_by_reason"]
-        assert out.list(subdir="parts/00001") == ["parts/00001/00000.parquet", "parts/00001/00000.tar",
-                                                 "parts/00001/00000_stats.json", "parts/00001/00001.parquet",
-                                                 "parts/00001/00001.tar", "parts/00001/00001_stats.json",
-                                                 f"parts/00001/{download.COMMIT}"]
-        with tarfile.open(fileobj=io.BytesIO(out.read_bytes("parts/00001/00000.tar"))) as t:
-            assert sum(1 for m in t.getmembers() if m.name.endswith(".jpg")) == 6
-    finally:
-        server.stop()
+    boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="dataprep-test")
+    out = Store("s3://dataprep-test/run").artifact("download", "s3")
+    cfg = build(download.DownloadConfig, DOWNLOAD, "stages.download")
+    part = download.plan_partitions(site["urls"], cfg)[-1]  # the last 12 rows: all good images
+    rec = download.download_partition(part, cfg, site["urls"], out)
+    assert rec["rows"] == part.stop - part.start == rec["ok"] and not rec["failed_by_reason"]
+    assert out.list(subdir="parts/00001") == ["parts/00001/00000.parquet", "parts/00001/00000.tar",
+                                             "parts/00001/00000_stats.json", "parts/00001/00001.parquet",
+                                             "parts/00001/00001.tar", "parts/00001/00001_stats.json",
+                                             f"parts/00001/{download.COMMIT}"]
+    with tarfile.open(fileobj=io.BytesIO(out.read_bytes("parts/00001/00000.tar"))) as t:
+        assert sum(1 for m in t.getmembers() if m.name.endswith(".jpg")) == 6

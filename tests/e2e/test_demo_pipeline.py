@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, free_port
+from workflows.store import open_artifact
+from workflows.train.export import read_history
 
 pytestmark = pytest.mark.slow
 TRAINING = ("wuerstchen_stage_a", "wuerstchen_stage_b", "wuerstchen_stage_c", "pagoda_teacher", "pagoda_distill",
@@ -51,7 +53,7 @@ def manifests(root: Path) -> dict[str, dict]:
 
 
 def losses(art_dir: str) -> list[float]:
-    recs = [json.loads(ln) for ln in Path(art_dir, "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = read_history(open_artifact(art_dir))
     key = "loss_rec" if any("loss_rec" in r for r in recs) else "loss"  # PaGoDA's G: the reconstruction term
     return [r[key] for r in recs if isinstance(r.get(key), (int, float))]
 

@@ -8,6 +8,7 @@ import pytest
 
 from workflows.store import Store
 from workflows.train import TrainConfig, fit, load_weights, synthetic
+from workflows.train.export import read_history
 
 ROWS = 160  # 20 steps per epoch at 2 workers x batch 4
 
@@ -34,10 +35,6 @@ def _attempts(path):
     return runs
 
 
-def _history(out):
-    return [json.loads(x) for x in out.read_bytes("metrics.jsonl").splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_zero2_two_workers_train_and_resume_without_replaying_data(ray_cluster, tmp_path):
@@ -48,7 +45,7 @@ def test_zero2_two_workers_train_and_resume_without_replaying_data(ray_cluster, 
 
     s1 = fit(synthetic.spec(record_dir=str(rec1)), _cfg(zero_stage=2, total_steps=12), out, {"train": ds},
              {"model": "synthetic"})
-    hist = _history(out)
+    hist = read_history(out)
     assert s1["steps"] == 12 and s1["world_size"] == 2 and s1["resumed_from_step"] == 0
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"], [h["loss"] for h in hist]
     final1 = load_weights(out, "denoiser", raw=True)
@@ -57,7 +54,7 @@ def test_zero2_two_workers_train_and_resume_without_replaying_data(ray_cluster, 
     s2 = fit(synthetic.spec(record_dir=str(rec2)), _cfg(zero_stage=2, total_steps=20), out, {"train": ds},
              {"model": "synthetic"})
     assert s2["resumed_from_step"] == 12 and s2["steps"] == 20 and s2["images"] == 160 and s2["epoch"] == 0
-    hist = _history(out)
+    hist = read_history(out)
     assert [h["step"] for h in hist] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
     assert all(h["lr/denoiser"] == pytest.approx(3e-3) for h in hist if h["step"] > 12)  # no second warmup
     for rank in (0, 1):
@@ -92,7 +89,7 @@ def test_zero3_restores_the_last_checkpoint_after_a_worker_fails(ray_cluster, tm
                        for i in r["ids"]}
     ids_after = [i for rk in (0, 1) for r in _attempts(rec / f"rank{rk}.jsonl")[1] for i in r["ids"]]
     assert len(ids_before_ckpt) == 32 and not ids_before_ckpt & set(ids_after) and len(set(ids_after)) == 48
-    hist = _history(out)
+    hist = read_history(out)
     assert [h["step"] for h in hist] == [2, 4, 6, 8, 10]  # the lost step-6 line was replaced
     assert hist[-1]["loss"] < 0.85 * hist[0]["loss"]
     sd = load_weights(out, "denoiser")  # gathered from ZeRO-3 partitions

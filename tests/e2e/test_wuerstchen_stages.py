@@ -20,6 +20,7 @@ from workflows.config import PipelineConfig, RayConfig, RunConfig
 from workflows.stage import Stage
 from workflows.store import Artifact, Store
 from workflows.train import TrainConfig
+from workflows.train.export import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,7 @@ def _configs(n: int):
 
 
 def _losses(art: Artifact) -> list[float]:
-    return [json.loads(line)["loss"] for line in art.read_bytes("metrics.jsonl").decode().splitlines()]
+    return [r["loss"] for r in read_history(art)]
 
 
 @pytest.mark.timeout(900)

@@ -169,35 +169,27 @@ def test_write_site_and_serve(site):
     assert not any(t.name == "demo-data-server" for t in threading.enumerate())
 
 
-def test_serve_from_s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        s3 = pafs.S3FileSystem(
-            access_key="testing",
-            secret_key="testing",
-            region="us-east-1",
-            endpoint_override=f"{host}:{port}",
-            scheme="http",
-            allow_bucket_creation=True,
-        )
-        s3.create_dir("demo")
-        site_items = list(dd.generate(5, seed=2)) + dd.broken_items()[:2]
-        rows = dd.write_site(s3, "demo/site", site_items)
-        with dd.serve(s3, "demo/site") as base_url:
-            assert _get(f"{base_url}/{rows[0]['path']}")[2] == site_items[0].data
-            assert _get(f"{base_url}/{rows[-1]['path']}")[2] == site_items[-1].data
-            for missing in (rows[-2]["path"], "images", "nope/x.jpg"):  # rows[-2] is http_404
-                with pytest.raises(urllib.error.HTTPError) as err:
-                    _get(f"{base_url}/{missing}")
-                assert err.value.code == 404
-            table = dd.write_url_parquet(rows, base_url, s3, "demo/urls.parquet")
-        assert pq.read_table("demo/urls.parquet", filesystem=s3).equals(table)
-    finally:
-        server.stop()
+def test_serve_from_s3(moto_s3):
+    s3 = pafs.S3FileSystem(
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        endpoint_override=moto_s3.removeprefix("http://"),
+        scheme="http",
+        allow_bucket_creation=True,
+    )
+    s3.create_dir("demo")
+    site_items = list(dd.generate(5, seed=2)) + dd.broken_items()[:2]
+    rows = dd.write_site(s3, "demo/site", site_items)
+    with dd.serve(s3, "demo/site") as base_url:
+        assert _get(f"{base_url}/{rows[0]['path']}")[2] == site_items[0].data
+        assert _get(f"{base_url}/{rows[-1]['path']}")[2] == site_items[-1].data
+        for missing in (rows[-2]["path"], "images", "nope/x.jpg"):  # rows[-2] is http_404
+            with pytest.raises(urllib.error.HTTPError) as err:
+                _get(f"{base_url}/{missing}")
+            assert err.value.code == 404
+        table = dd.write_url_parquet(rows, base_url, s3, "demo/urls.parquet")
+    assert pq.read_table("demo/urls.parquet", filesystem=s3).equals(table)
 
 
 def test_url_parquet(site, tmp_path):

@@ -194,28 +194,18 @@ def test_no_data_mode_counts_steps_and_images(tmp_path):
     assert not out.exists("weights/raw/denoiser.safetensors") and out.exists("weights/denoiser.safetensors")
 
 
-def test_s3_output_resumes_prunes_checkpoints_and_uploads_logs(monkeypatch):
-    moto = pytest.importorskip("moto.server")
-    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        import boto3
+def test_s3_output_resumes_prunes_checkpoints_and_uploads_logs(moto_s3):
+    import boto3
 
-        boto3.client("s3").create_bucket(Bucket="train-test")
-        out = Store("s3://train-test/root").artifact("train", "k")
-        for total in (6, 10):
-            cfg = _cfg(engine="torch", batch_size=8, grad_accum=1, total_steps=total, ckpt_every=3, ckpt_keep=1)
-            s = loop.run(synthetic.spec(), cfg, out, checkpoints=DirCheckpoints(out, 1),
-                         data=synthetic.numpy_source(64, 8))
-        assert s["resumed_from_step"] == 6 and s["steps"] == 10 and s["epoch"] == 1
-        names = out.list()
-        assert {n.split("/")[1] for n in names if n.startswith("ray_train/checkpoint_")} == {"checkpoint_00000010"}
-        assert "logs/metrics.jsonl" in names and any(n.startswith("logs/tensorboard/") for n in names)
-        assert [json.loads(x)["step"] for x in out.read_bytes("metrics.jsonl").splitlines()] == [2, 4, 6, 8, 10]
-        assert load_weights(out, "denoiser").keys() == synthetic.Denoiser().state_dict().keys()
-    finally:
-        server.stop()
+    boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="train-test")
+    out = Store("s3://train-test/root").artifact("train", "k")
+    for total in (6, 10):
+        cfg = _cfg(engine="torch", batch_size=8, grad_accum=1, total_steps=total, ckpt_every=3, ckpt_keep=1)
+        s = loop.run(synthetic.spec(), cfg, out, checkpoints=DirCheckpoints(out, 1),
+                     data=synthetic.numpy_source(64, 8))
+    assert s["resumed_from_step"] == 6 and s["steps"] == 10 and s["epoch"] == 1
+    names = out.list()
+    assert {n.split("/")[1] for n in names if n.startswith("ray_train/checkpoint_")} == {"checkpoint_00000010"}
+    assert "logs/metrics.jsonl" in names and any(n.startswith("logs/tensorboard/") for n in names)
+    assert [json.loads(x)["step"] for x in out.read_bytes("metrics.jsonl").splitlines()] == [2, 4, 6, 8, 10]
+    assert load_weights(out, "denoiser").keys() == synthetic.Denoiser().state_dict().keys()

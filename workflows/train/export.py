@@ -65,6 +65,11 @@ def _safetensors(sd: dict[str, Tensor], name: str, ema: str, step: str) -> bytes
     return st_save(tensors, metadata={"module": name, "ema": ema, "step": step})
 
 
+def read_history(art: Artifact) -> list[dict[str, Any]]:
+    """The exported ``metrics.jsonl``: one dict per logged step."""
+    return [json.loads(ln) for ln in art.read_bytes("metrics.jsonl").decode().splitlines() if ln.strip()]
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """Images in [-1, 1] (any leading dims, channels first) -> uint8 numpy, same layout."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
