@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from benchmarks.results import RESULTS, device_name, record  # noqa: E402
 from genmodels.pagoda import (
     DiscriminatorConfig,
     EDMPrecond,
@@ -85,19 +84,13 @@ def gd_step(models, batch, pcfg, opt_g, opt_d, autocast) -> Callable[[], None]:
     return step
 
 
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--resolution", type=int, help="one-step output resolution (default: tiny 64, paper 512)")
     p.add_argument("--points", type=int, default=40, help="Karras grid of the teacher's Heun sampler / inversion")
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"))
+    p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     ps = PRESETS[args.preset]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,17 +163,16 @@ def main(argv: list[str] | None = None) -> int:
 
     one = next(x for x in rows if x["what"].startswith("one-step") and x["batch"] == 1)
     heun = next(x for x in rows if x["what"].startswith("teacher Heun") and x["batch"] == 1)
-    record = {"bench": "pagoda", "preset": args.preset, "device": device_name(dev), "torch": torch.__version__,
-              "precision": "bf16" if bf16 else "fp32", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "one_step_speedup_vs_heun_batch1": round(heun["s_per_call"] / one["s_per_call"], 1), "rows": rows}
-    print(f"PaGoDA benchmark, preset {args.preset}, {record['device']}, {record['precision']}")
+    figures = {"preset": args.preset, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "precision": "bf16" if bf16 else "fp32",
+               "one_step_speedup_vs_heun_batch1": round(heun["s_per_call"] / one["s_per_call"], 1), "rows": rows}
+    print(f"PaGoDA benchmark, preset {args.preset}, {device_name()}, {figures['precision']}")
     print(f"{'what':<34} {'res':>5} {'batch':>5} {'s/call':>9} {'ms/img':>9} {'img/s':>9}")
     for x in rows:
         print(f"{x['what']:<34} {x['resolution']:>5} {x['batch']:>5} {x['s_per_call']:>9.4f} "
               f"{x['ms_per_image']:>9.2f} {x['images_per_s']:>9.1f}")
-    print(f"one-step {res}px vs teacher Heun {base}px (batch 1): {record['one_step_speedup_vs_heun_batch1']}x faster")
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    print(f"one-step {res}px vs teacher Heun {base}px (batch 1): {figures['one_step_speedup_vs_heun_batch1']}x faster")
+    record("pagoda", figures, path=args.out)
     return 0
 
 

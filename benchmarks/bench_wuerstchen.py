@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 
@@ -35,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.results import device_name, record
 from genmodels.wuerstchen import (
     SemanticCompressor,
     StageA,
@@ -50,19 +49,6 @@ from workflows.wuerstchen_encode import TextEncoderConfig
 from workflows.wuerstchen_stages import model_config
 
 TEXT = {"tiny": ("tiny-clip", "tiny-clip"), "paper": ("ViT-bigG-14", "ViT-H-14")}  # (C, B)
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    return f"CPU {model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -242,12 +228,9 @@ def main(argv=None) -> int:
             train_bench("stage_b+compressor", models, ["stage_b", "compressor"], batch_b, stage_b_loss, args.steps,
                         args.warmup, device, bf16, peak)]
     rows += sample_bench(models, sem_hw, (w_c, w_b), r, args.sample_batch, args.steps_b, device, bf16, args.repeats)
-    from workflows.runner import code_version
-
-    meta = {"bench": "wuerstchen", "device": device_name(device), "commit": code_version(), "preset": args.preset, "resolution": r, "sem_size": list(sem_hw),
-            "precision": "bf16" if bf16 else "fp32", "peak_tflops": peak, "torch": torch.__version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(f"Würstchen {args.preset} @ {r}px on {meta['device']} ({meta['precision']}); semantic latent {sem_hw}")
+    meta = {"preset": args.preset, "resolution": r, "sem_size": list(sem_hw), "precision": "bf16" if bf16 else "fp32",
+            "peak_tflops": peak, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(f"Würstchen {args.preset} @ {r}px on {device_name()} ({meta['precision']}); semantic latent {sem_hw}")
     print(f"{'bench':<26}{'batch':>6}{'steps':>6}{'seconds':>10}{'img/s':>10}{'TFLOP/step':>12}{'MFU':>8}"
           f"{'1 pass s':>10}")
     def cell(x, key, width, fmt):
@@ -258,8 +241,7 @@ def main(argv=None) -> int:
         print(f"{x['bench']:<26}{x['batch']:>6}{x.get('steps', 1):>6}{sec:>10.4f}" + cell(x, "images_per_s", 10, ".1f")
               + cell(x, "tflops_per_step", 12, ".4f") + cell(x, "mfu", 8, ".3f") + cell(x, "one_pass_s", 10, ".4f"))
     if not args.no_save:
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps({**meta, "rows": rows}) + "\n")
+        record("wuerstchen", {**meta, "rows": rows})
     return 0
 
 

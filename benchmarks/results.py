@@ -36,9 +36,9 @@ def _commit() -> str:
         return "unknown"
 
 
-def record(bench: str, figures: dict[str, Any]) -> None:
+def record(bench: str, figures: dict[str, Any], path: str = RESULTS) -> None:
     """Append one machine-readable line: benchmark name, device, commit, time, figures."""
     line = {"bench": bench, "device": device_name(), "commit": _commit(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}
-    with open(RESULTS, "a") as f:
+    with open(path, "a") as f:
         f.write(json.dumps(line, default=float) + "\n")

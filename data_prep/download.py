@@ -308,9 +308,7 @@ def run(inputs: dict[str, Artifact], cfg: DownloadConfig, out: Artifact) -> dict
 
     records = [out.read_json(f"parts/{p.name}/{COMMIT}") for p in parts]
     index = pa.Table.from_pylist([s for r in records for s in r["shards"]], schema=INDEX_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(index, sink)
-    out.write_bytes(INDEX, sink.getvalue().to_pybytes())
+    out.write_parquet(INDEX, index)
 
     reasons: Counter = Counter()
     for r in records:

@@ -519,9 +519,7 @@ def run(inputs: dict[str, Artifact], cfg: FilterConfig, out: Artifact) -> dict[s
                 per_shard[row["shard"]][1] += n
     table = pa.table({"shard": list(per_shard), "rows": [v[0] for v in per_shard.values()],
                       "kept": [v[1] for v in per_shard.values()]})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    out.write_bytes(SHARDS, sink.getvalue().to_pybytes())
+    out.write_parquet(SHARDS, table)
 
     rows_in = sum(expected.values())
     kept = sum(v[1] for v in per_shard.values())

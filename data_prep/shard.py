@@ -174,11 +174,7 @@ def build(batch: dict[str, np.ndarray], *, cfg: ShardConfig, download: Artifact,
             nbytes += buf.tell()
         if "parquet" in cfg.formats:
             table = pa.Table.from_pylist(rows, schema=schema(cfg))
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
-            data_bytes = sink.getvalue().to_pybytes()
-            out.write_bytes(f"parquet/{index:05d}.parquet", data_bytes)
-            nbytes += len(data_bytes)
+            nbytes += out.write_parquet(f"parquet/{index:05d}.parquet", table)
         summary["index"].append(int(index))
         summary["rows"].append(len(rows))
         summary["decode_errors"].append(errors)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import os
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from workflows.store import Artifact, filesystem
 
@@ -62,9 +60,7 @@ def run(inputs: dict[str, Artifact], cfg: UrlsConfig, out: Artifact) -> dict:
         table = read_source(cfg.source)
         if cfg.limit:
             table = table.slice(0, cfg.limit)
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        out.write_bytes("urls.parquet", sink.getvalue())
+        out.write_parquet("urls.parquet", table)
     return {"rows": table.num_rows}
 
 

@@ -31,6 +31,7 @@ from genmodels.metrics import (
     swd,
     tiny_features,
 )
+from workflows import report
 from workflows.store import Artifact
 
 log = logging.getLogger("genmodels")
@@ -145,18 +146,14 @@ def run(inputs: dict[str, Artifact], cfg: EvaluateConfig, out: Artifact) -> dict
         table["wuerstchen"] = score(fake, real, caps, cfg, feats, clip)
 
     # PaGoDA: the one-step generator at every resolution it was trained at.
-    for name in sorted(n for n in inputs if n.startswith("pagoda_") and n not in ("pagoda_teacher", "pagoda_invert",
-                                                                                  "pagoda_sample")):
+    for name in sorted(n for n in inputs if n.startswith("pagoda_") and n != "pagoda_sample"):  # the generators
         gen, meta = pagoda_stages.load_generator(inputs[name])
         res = int(meta["resolution"])
         real, caps = heldout_reals(shard, res, cfg)
         table[f"pagoda_{res}"] = score(pagoda_generate(gen, meta, caps, cfg.seed), real, caps, cfg, feats, clip)
 
     out.write_json("metrics.json", table)
-    keys = sorted({k for v in table.values() for k in v})
-    md = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    md += [f"| {m} | " + " | ".join(f"{v.get(k, float('nan')):.4g}" for k in keys) + " |" for m, v in table.items()]
-    out.write_bytes("metrics.md", ("\n".join(md) + "\n").encode())
+    out.write_bytes("metrics.md", ("\n".join(report.metrics_markdown(table)) + "\n").encode())
     for m, v in table.items():
         log.info("[evaluate] %s: %s", m, ", ".join(f"{k}={x:.4g}" for k, x in v.items()))
     return {"models": len(table), "n_samples": cfg.n_samples, "wall_s": round(time.time() - t0, 2),

@@ -35,7 +35,7 @@ from data_prep.splits import heldout_mask, row_ids
 from genmodels import clip as clip_mod
 from genmodels.pagoda import EDMPrecond, PagodaConfig, UNet, UNetConfig, invert_latents, ode_sample
 from workflows.config import check
-from workflows.store import Artifact
+from workflows.store import Artifact, task_filenames
 from workflows.train import load_weights
 
 # ------------------------------------------------------------------------------------------
@@ -263,16 +263,6 @@ class Inverter:
         return out
 
 
-def _task_names():
-    from ray.data.datasource import FilenameProvider
-
-    class TaskNames(FilenameProvider):  # deterministic names: a rerun replaces, never appends
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:06d}.parquet"
-
-    return TaskNames()
-
-
 def _rows_in(out: Artifact, subdir: str) -> int:
     import pyarrow.parquet as pq
 
@@ -318,7 +308,7 @@ def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) ->
             continue
         # OVERWRITE empties pairs/NNNNN/ first: a half-written chunk of an interrupted run goes away.
         inverted(paths, cfg.check_samples if i == 0 else 0).write_parquet(out.child_uri(f"pairs/{i:05d}"), filesystem=out.fs, mode="overwrite",
-                                      filename_provider=_task_names())
+                                      filename_provider=task_filenames())
         n = _rows_in(out, f"pairs/{i:05d}")
         out.write_json(marker, {"rows": n, "files": paths})
         rows += n

@@ -160,14 +160,15 @@ def _markdown(d: dict[str, Any], has_curves: bool) -> str:
         md += [f"- {stage}: " + ", ".join(f"`{p}`" for p in pngs)]
     md += ["", "## Metrics", ""]
     for stage, table in d["metrics"].items():
-        md.append(f"### {stage}")
-        md.append("")
-        md.append("| model | " + " | ".join(sorted({m for v in table.values() for m in v})) + " |")
-        keys = sorted({m for v in table.values() for m in v})
-        md.append("|---" * (len(keys) + 1) + "|")
-        for model, vals in table.items():
-            md.append(f"| {model} | " + " | ".join(_fmt(vals.get(k)) for k in keys) + " |")
+        md += [f"### {stage}", "", *metrics_markdown(table)]
     return "\n".join(md) + "\n"
+
+
+def metrics_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
+    """A model x metric table ({model: {metric: value}}) as Markdown lines; a missing cell is '-'."""
+    keys = sorted({m for v in table.values() for m in v})
+    return ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+            *(f"| {model} | " + " | ".join(_fmt(vals.get(k)) for k in keys) + " |" for model, vals in table.items())]
 
 
 def _fmt(v: Any) -> str:

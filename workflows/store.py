@@ -102,6 +102,17 @@ class Artifact:
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
+    def write_parquet(self, name: str, table: Any) -> int:
+        """Write a pyarrow table as one Parquet file (atomically, as write_bytes); return its size."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(name, data)
+        return len(data)
+
     def upload_dir(self, local_dir: str, prefix: str = "") -> None:
         """Copy a local directory (e.g. a safetensors export) into the artifact."""
         for dirpath, _, files in os.walk(local_dir):
@@ -144,6 +155,18 @@ def open_artifact(uri: str) -> Artifact:
     if art.exists(MANIFEST):
         art.manifest = art.read_json(MANIFEST)
     return art
+
+
+def task_filenames():
+    """A Ray Data ``filename_provider`` naming each write task's file ``part-{task:06d}.parquet``: a
+    rerun replaces its files instead of adding new ones beside them."""
+    from ray.data.datasource import FilenameProvider
+
+    class TaskNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:06d}.parquet"
+
+    return TaskNames()
 
 
 def _is_temp(name: str) -> bool:

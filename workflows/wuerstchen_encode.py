@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from data_prep.splits import heldout_mask, row_ids
-from workflows.store import Artifact
+from workflows.store import Artifact, task_filenames
 
 log = logging.getLogger("genmodels")
 
@@ -285,19 +285,6 @@ def _uncond_tokens(text_encoder: TextEncoderConfig) -> bytes:
     return save({"text_tokens": encode_text_tokens(model, tokenizer([""])).float().contiguous()})
 
 
-class _Names:
-    """Deterministic parquet names (with OVERWRITE, which first clears the crashed run's partial files)."""
-
-    def __new__(cls):
-        from ray.data.datasource import FilenameProvider
-
-        class Names(FilenameProvider):
-            def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-                return f"part-{task_index:06d}.parquet"
-
-        return Names(file_format="parquet")
-
-
 def run_encode(ds, cfg: EncodeConfig, out: Artifact, encoder_kwargs: dict[str, Any]) -> dict[str, Any]:
     """map_batches(WuerstchenEncoder) → data/*.parquet, uncond.safetensors; returns counts."""
     import pyarrow.parquet as pq
@@ -309,7 +296,8 @@ def run_encode(ds, cfg: EncodeConfig, out: Artifact, encoder_kwargs: dict[str, A
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors), **remote)
     # The empty caption's states come from a task started first, so its start-up overlaps the data job.
     uncond = ray.remote(_uncond_tokens).options(**remote).remote(cfg.text_encoder)
-    ds.write_parquet(out.child_uri(DATA), filesystem=out.fs, filename_provider=_Names(),
+    # Fixed names with OVERWRITE, which first clears a crashed run's partial files.
+    ds.write_parquet(out.child_uri(DATA), filesystem=out.fs, filename_provider=task_filenames(),
                      mode=ray.data.SaveMode.OVERWRITE, min_rows_per_file=cfg.rows_per_file)
     out.write_bytes("uncond.safetensors", ray.get(uncond))
     files = out.list(".parquet", subdir=DATA)

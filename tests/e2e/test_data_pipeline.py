@@ -15,7 +15,6 @@ import time
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -265,9 +264,7 @@ def test_missing_columns_fail_with_the_column_name(ray_cluster, site, tmp_path):
 
     store = Store(str(tmp_path))
     urls = store.artifact("urls", "bad")
-    buf = pa.BufferOutputStream()
-    pq.write_table(pa.table({"URL": ["http://127.0.0.1:1/x.jpg"], "TEXT": ["a"]}), buf)
-    urls.write_bytes("urls.parquet", buf.getvalue().to_pybytes())
+    urls.write_parquet("urls.parquet", pa.table({"URL": ["http://127.0.0.1:1/x.jpg"], "TEXT": ["a"]}))
     with pytest.raises(ValueError, match="download.url_col: urls.parquet has no column 'url'"):
         _run(download, download.DownloadConfig, DOWNLOAD, {"urls": urls}, store.artifact("download", "bad"))
 

@@ -39,14 +39,8 @@ def make_fake_shard(art: Artifact, n: int, resolutions=(16, 32, 64), seed: int =
     table = pa.Table.from_pylist(rows)
     step = -(-n // files)
     for i in range(files):
-        art.write_bytes(f"parquet/{i:05d}.parquet", _parquet(table.slice(i * step, step)))
+        art.write_parquet(f"parquet/{i:05d}.parquet", table.slice(i * step, step))
     return table
-
-
-def _parquet(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 @dataclass(frozen=True)

@@ -151,9 +151,7 @@ def test_near_duplicates_keep_the_first_of_each_group():
 def test_pending_shards_deletes_incomplete_output(tmp_path):
     art = Store(str(tmp_path)).artifact("filter", "k")
     for name, n in (("a", 3), ("b", 2)):
-        buf = io.BytesIO()
-        pq.write_table(pa.table({"key": [f"{name}{i}" for i in range(n)]}), buf)
-        art.write_bytes(f"rows/shard={name}/x.parquet", buf.getvalue())
+        art.write_parquet(f"rows/shard={name}/x.parquet", pa.table({"key": [f"{name}{i}" for i in range(n)]}))
     art.write_bytes("rows/shard=c/x.parquet", b"PAR1 cut short")  # a crash mid-write
     assert filt.written_rows(art, "rows") == {"a": 3, "b": 2, "c": -1}
     pending = filt.pending_shards(art, "rows", {"a": 3, "b": 5, "c": 1, "d": 0})

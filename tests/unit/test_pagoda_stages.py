@@ -70,9 +70,7 @@ def make_fake_shard(art: Artifact, n: int, resolutions=(16, 32, 64), seed: int =
     table = pa.table(rows)
     per = -(-n // files)
     for f in range(files):
-        buf = io.BytesIO()
-        pq.write_table(table.slice(f * per, per), buf)
-        art.write_bytes(f"part-{f:05d}.parquet", buf.getvalue())
+        art.write_parquet(f"part-{f:05d}.parquet", table.slice(f * per, per))
     return n
 
 
