@@ -26,21 +26,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import ray_head
+# First: sets the offline test environment (HF_HUB_OFFLINE, Ray auth mode) before any library reads it.
+from tests.conftest import ray_head  # noqa: E402
 
 MIN_SIDE = 16
 
 
 def ray_pipeline(store, urls, resolutions: list[int]) -> dict:
-
+    # Project and library imports live in the functions, after tests.conftest set the environment.
     from data_prep import download, shard
     from data_prep import filter as filt
-    from workflows.config import build
+    from pipeline.config import build
 
     stages = {}
     dl = store.artifact("download", "bench")
     cfg = build(download.DownloadConfig, {"rows_per_partition": 100, "rows_per_shard": 50, "image_size": 256,
-                                          "min_image_size": MIN_SIDE, "threads": 16, "num_cpus": 0.5}, "download")
+                                          "min_image_size": MIN_SIDE, "threads": 16, "cpus_per_task": 0.5}, "download")
     t = time.time()
     counts = download.run({"urls": urls}, cfg, dl)
     stages["download"] = (time.time() - t, counts["rows_in"], counts["rows_out"])
@@ -113,16 +114,16 @@ def plain_loop(url_parquet: str, out_dir: str, resolutions: list[int]) -> tuple[
 def run_size(n: int, tmp: str, resolutions: list[int]) -> dict:
     import pyarrow.fs as pafs
 
-    from data_prep import demo_data
-    from workflows.store import Store
+    from data_prep import demo
+    from pipeline.store import Store
 
     fs = pafs.LocalFileSystem()
     store = Store(os.path.join(tmp, f"store-{n}"))
     urls = store.artifact("urls", "bench")
-    items = list(demo_data.generate(n, seed=0)) + demo_data.broken_items()
-    rows = demo_data.write_site(fs, urls.child("site"), items)
-    with demo_data.serve(fs, urls.child("site")) as base:
-        demo_data.write_url_parquet(rows, base, fs, urls.child("urls.parquet"))
+    items = list(demo.generate(n, seed=0)) + demo.broken_items()
+    rows = demo.write_site(fs, urls.child("site"), items)
+    with demo.serve(fs, urls.child("site")) as base:
+        demo.write_url_parquet(rows, base, fs, urls.child("urls.parquet"))
         plain = plain_loop(urls.child("urls.parquet"), tmp, resolutions)
         t = time.time()
         stages = ray_pipeline(store, urls, resolutions)

@@ -39,7 +39,7 @@ from genmodels.pagoda import (
     ode_sample,
     teacher_loss,
 )
-from workflows.pagoda_stages import NETS
+from workflows.pagoda.models import TEACHER_PRESETS
 
 PRESETS = {  # base resolution, U-Net, text width / tokens / pooled width, batch sizes
     "tiny": {"base": 16, "net": "micro", "text": (64, 32, 64), "train_batch": 8, "sample_batch": 16,
@@ -100,29 +100,39 @@ def main(argv: list[str] | None = None) -> int:
     width, tokens, pooled = ps["text"]
     torch.manual_seed(0)
 
-    teacher = EDMPrecond(UNet(dataclasses.replace(NETS[ps["net"]], img_resolution=base, text_dim=width))).to(dev)
-    text = lambda n: {"text": torch.randn(n, tokens, width, device=dev),
-                      "text_mask": torch.ones(n, tokens, dtype=torch.bool, device=dev)}
+    net = dataclasses.replace(TEACHER_PRESETS[ps["net"]], img_resolution=base, text_dim=width)
+    teacher = EDMPrecond(UNet(net)).to(dev)
+
+    def text(n: int) -> dict[str, torch.Tensor]:
+        return {"text": torch.randn(n, tokens, width, device=dev),
+                "text_mask": torch.ones(n, tokens, dtype=torch.bool, device=dev)}
+
     gens = [Generator.from_teacher(teacher)]
     while gens[-1].net.cfg.out_resolution < res:
         gens.append(grow_2x(gens[-1]))
     gens = [g.to(dev) for g in gens]
-    if args.preset == "tiny":
-        feats = lambda r: [TinyFeatures(size=max(32, r)).to(dev)]
-        disc = lambda r: ProjectedDiscriminator.tiny(DiscriminatorConfig(
-            channels=16, cmap_dim=16, text_dim=pooled, size=max(32, r))).to(dev)
-    else:
-        nets = [build_timm_features("deit_base_distilled_patch16_224", (2, 5, 8, 11), pretrained=False),
-                build_timm_features("tf_efficientnet_lite0", (1, 2, 3, 4), pretrained=False)]
-        feats = lambda r: [n.to(dev) for n in nets]
-        disc = lambda r: ProjectedDiscriminator.build(DiscriminatorConfig(text_dim=pooled), pretrained=False).to(dev)
+    nets = [] if args.preset == "tiny" else [
+        build_timm_features("deit_base_distilled_patch16_224", (2, 5, 8, 11), pretrained=False),
+        build_timm_features("tf_efficientnet_lite0", (1, 2, 3, 4), pretrained=False)]
+
+    def feats(r: int) -> list[torch.nn.Module]:
+        return [n.to(dev) for n in nets] if nets else [TinyFeatures(size=max(32, r)).to(dev)]
+
+    def disc(r: int) -> ProjectedDiscriminator:
+        if args.preset == "tiny":
+            return ProjectedDiscriminator.tiny(DiscriminatorConfig(
+                channels=16, cmap_dim=16, text_dim=pooled, size=max(32, r))).to(dev)
+        return ProjectedDiscriminator.build(DiscriminatorConfig(text_dim=pooled), pretrained=False).to(dev)
+
     rows = []
 
     def row(what: str, r: int, batch: int, sec: float, images: int) -> None:
         rows.append({"what": what, "resolution": r, "batch": batch, "s_per_call": round(sec, 5),
                      "ms_per_image": round(1e3 * sec / images, 3), "images_per_s": round(images / sec, 2)})
 
-    ac = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    def ac():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+
     with torch.no_grad(), ac():
         for b in (1, ps["sample_batch"]):
             z = torch.randn(b, 3, base, base, device=dev) * 80

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.results import device_name, record  # noqa: E402
-from data_prep import demo_data  # noqa: E402
+from data_prep import demo  # noqa: E402
 from genmodels.metrics import swd  # noqa: E402
 from genmodels.pagoda import (  # noqa: E402
     EDMConfig,
@@ -53,7 +53,7 @@ from genmodels.pagoda import (  # noqa: E402
 
 
 def load_images(n: int, size: int, seed: int) -> torch.Tensor:
-    items = demo_data.generate(n, seed, min_size=max(64, size), max_size=128)
+    items = demo.generate(n, seed, min_size=max(64, size), max_size=128)
     out = []
     for it in items:
         im = Image.open(io.BytesIO(it.data)).convert("RGB")
@@ -201,7 +201,8 @@ def main() -> None:
                                                "distill": f_distill / 1e12, "grow": f_grow / 1e12},
                            "swd_pagoda": swd_p, "swd_direct": swd_d, "swd_grown_init": swd_i,
                            "train_s_pagoda": t_pagoda, "train_s_direct": t_direct,
-                           "ms_per_image_pagoda": lat_p / a.n_eval * 1e3, "ms_per_image_direct": lat_d / a.n_eval * 1e3})
+                           "ms_per_image_pagoda": lat_p / a.n_eval * 1e3,
+                           "ms_per_image_direct": lat_d / a.n_eval * 1e3})
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ def _one(variant: str, args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from workflows.store import Store
+    from pipeline.store import Store
     from workflows.train import TrainConfig, engines, loop, synthetic
-    from workflows.train.ray_adapter import DirCheckpoints
+    from workflows.train.checkpoint import DirCheckpoints
+    from workflows.train.distributed import import_deepspeed, process_group
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -72,8 +73,8 @@ def _one(variant: str, args: argparse.Namespace) -> dict:
             marks[i] = (time.perf_counter(), time.process_time())
 
     if variant == "bare":
-        with loop._process_group(cfg, device):
-            deepspeed = engines.import_deepspeed()
+        with process_group(cfg, device):
+            deepspeed = import_deepspeed()
             torch.manual_seed(0)
             model = synthetic.Denoiser(args.channels).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

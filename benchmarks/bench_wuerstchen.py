@@ -45,8 +45,7 @@ from genmodels.wuerstchen import (
     stage_c_loss,
 )
 from genmodels.wuerstchen.diffusion import eps_loss, stage_c_timesteps
-from workflows.wuerstchen_encode import TextEncoderConfig
-from workflows.wuerstchen_stages import model_config
+from workflows.wuerstchen.models import TextEncoderConfig, model_config
 
 TEXT = {"tiny": ("tiny-clip", "tiny-clip"), "paper": ("ViT-bigG-14", "ViT-H-14")}  # (C, B)
 def sync(device: torch.device) -> float:

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from workflows.store import Artifact, is_local
+from pipeline.store import Artifact, is_local
 
 log = logging.getLogger("genmodels")
 
@@ -79,7 +79,7 @@ class DownloadConfig:
     threads: img2dataset download threads per process (it is I/O bound; DNS is the real limit).
     processes_per_task: img2dataset processes inside one Ray task.
     timeout_s / retries: per-URL HTTP timeout and retries.
-    num_cpus: Ray CPUs reserved per partition task (fractional is fine; downloads mostly wait).
+    cpus_per_task: Ray CPUs reserved per partition task (fractional is fine; downloads mostly wait).
     task_retries: Ray retries of a failed partition task (crashes, preempted nodes).
     """
 
@@ -99,7 +99,7 @@ class DownloadConfig:
     processes_per_task: int = 1
     timeout_s: int = 10
     retries: int = 0
-    num_cpus: float = 1.0
+    cpus_per_task: float = 1.0
     task_retries: int = 2
 
     def validate(self) -> None:
@@ -110,8 +110,8 @@ class DownloadConfig:
                              f"got {self.rows_per_partition}")
         if self.image_size < 1:
             raise ValueError(f"image_size: must be ≥ 1, got {self.image_size}")
-        if self.num_cpus <= 0:
-            raise ValueError(f"num_cpus: must be > 0, got {self.num_cpus}")
+        if self.cpus_per_task <= 0:
+            raise ValueError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
         if not 1 <= self.encode_quality <= 100:
             raise ValueError(f"encode_quality: must be in 1..100, got {self.encode_quality}")
 
@@ -223,7 +223,7 @@ def _url_table(table: pa.Table, cfg: DownloadConfig) -> pa.Table:
 
 def download_partition(part: Partition, cfg: DownloadConfig, urls: Artifact, out: Artifact) -> dict[str, Any]:
     """Run img2dataset on one partition and commit it; returns the commit record."""
-    import img2dataset
+    import img2dataset  # lazy: only the partition tasks run it
 
     t0 = time.time()
     table = _url_table(read_slice(urls, part.file, part.start, part.stop), cfg)
@@ -260,8 +260,8 @@ def download_partition(part: Partition, cfg: DownloadConfig, urls: Artifact, out
             reasons.update(failure_reason(x, e) for x, e in zip(st, err) if x != "success")
             ok += shard_ok
             seen += len(st)
-            shards.append({"shard": f"{part.name}_{base}", "tar": f"{rel}/{base}.tar", "parquet": f"{rel}/{base}.parquet",
-                           "partition": part.name, "rows": len(st), "ok": shard_ok})
+            shards.append({"shard": f"{part.name}_{base}", "tar": f"{rel}/{base}.tar",
+                           "parquet": f"{rel}/{base}.parquet", "partition": part.name, "rows": len(st), "ok": shard_ok})
         if seen != n:
             raise RuntimeError(f"download: partition {part.name} has {seen} status rows for {n} input rows")
         if not local:  # stream each file up (a tar can be GBs); the commit below comes after all of them
@@ -284,7 +284,7 @@ def download_partition(part: Partition, cfg: DownloadConfig, urls: Artifact, out
 
 
 def run(inputs: dict[str, Artifact], cfg: DownloadConfig, out: Artifact) -> dict[str, Any]:
-    import ray
+    import ray  # lazy: Ray is only needed inside a running stage
 
     urls = inputs["urls"]
     parts = plan_partitions(urls, cfg)
@@ -293,8 +293,8 @@ def run(inputs: dict[str, Artifact], cfg: DownloadConfig, out: Artifact) -> dict
     rows_todo = sum(p.stop - p.start for p in todo)
     log.info("[download] %d partitions (%d already committed), %d rows to fetch", len(parts), len(done), rows_todo)
     t0 = time.time()
-    task = ray.remote(download_partition).options(num_cpus=cfg.num_cpus, max_retries=cfg.task_retries,
-                                                 retry_exceptions=True)
+    task = ray.remote(download_partition).options(num_cpus=cfg.cpus_per_task, max_retries=cfg.task_retries,
+                                                  retry_exceptions=True)
     pending = {task.remote(p, cfg, urls, out): p for p in todo}
     finished = 0
     while pending:
@@ -317,8 +317,9 @@ def run(inputs: dict[str, Artifact], cfg: DownloadConfig, out: Artifact) -> dict
     ok = sum(r["ok"] for r in records)
     if rows_in != ok + sum(reasons.values()):
         raise RuntimeError(f"download: {rows_in} rows in but {ok} ok + {sum(reasons.values())} failed")
-    counts = {"rows_in": rows_in, "rows_out": ok, "failed": rows_in - ok, "failed_by_reason": dict(sorted(reasons.items())),
-              "partitions": len(parts), "partitions_resumed": len(done), "shards": index.num_rows,
+    counts = {"rows_in": rows_in, "rows_out": ok, "failed": rows_in - ok,
+              "failed_by_reason": dict(sorted(reasons.items())), "partitions": len(parts),
+              "partitions_resumed": len(done), "shards": index.num_rows,
               "rows_per_s": round(rows_todo / wall, 2) if todo and wall > 0 else None}
     log.info("[download] summary: rows in %d, rows out %d, failed %s, %.1f rows/s", rows_in, ok,
              json.dumps(counts["failed_by_reason"]), counts["rows_per_s"] or 0.0)

@@ -14,17 +14,28 @@ exact same calls.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from data_prep import tiny_llava
+from data_prep.images import clean_caption
+
+# open_clip (and genmodels.clip, which imports it) and transformers are imported inside the
+# functions that use them: each takes seconds to import, and a CLIP worker never needs
+# transformers nor a captioner worker open_clip.
 
 
 def _device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -33,16 +44,15 @@ def clip_transform(name: str, pretrained: str | None = None):
 
     CPU preprocessing tasks use it so that they need not build (or download) the model.
     """
-    import dataclasses
-
-    import open_clip
+    import open_clip  # lazy: see the note at the top
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-    import genmodels.clip  # noqa: F401 - registers tiny-clip
+    import genmodels.clip  # noqa: F401 - registers tiny-clip; lazy: see the note at the top
 
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
-        raise ValueError(f"clip model {name!r}: unknown to open_clip (known: {', '.join(open_clip.list_models()[:8])}, ...)")
+        known = ", ".join(open_clip.list_models()[:8])
+        raise ValueError(f"clip model {name!r}: unknown to open_clip (known: {known}, ...)")
     pp = merge_preprocess_dict(dataclasses.asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
     pp["size"] = model_cfg["vision_cfg"].get("image_size", pp["size"])
     if pretrained and not os.path.exists(pretrained):
@@ -70,12 +80,7 @@ class EmbeddingHead:
     """
 
     def __init__(self, path: str, kind: str = "score"):
-        import torch
-
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
             state = load_file(path)
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
@@ -110,9 +115,6 @@ class EmbeddingHead:
         return self
 
     def __call__(self, emb) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
         x = F.normalize(emb.float(), dim=-1)
         for i, (w, b) in enumerate(self.weights):
             x = F.linear(x, w, b)
@@ -127,8 +129,6 @@ class EmbeddingHead:
 
 def save_head(path: str, layers: list[tuple[Any, Any]], hidden_activation: str = "none") -> str:
     """Write a head in the ``layers.<i>`` safetensors layout (used to make test heads)."""
-    from safetensors.torch import save_file
-
     state = {}
     for i, (w, b) in enumerate(layers):
         state[f"layers.{i}.weight"] = w.contiguous()
@@ -153,7 +153,7 @@ class ClipScorer:
     """
 
     def __init__(self, model: str, pretrained: str | None, heads: dict[str, str | None]):
-        from genmodels.clip import build_clip, embed_dim
+        from genmodels.clip import build_clip, embed_dim  # lazy: see the note at the top
 
         self.device = _device()
         self.model, _, self.tokenizer = build_clip(model, pretrained)
@@ -169,15 +169,11 @@ class ClipScorer:
             self.heads[name] = head.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
-
         with torch.inference_mode():  # scoped: a global switch would leak into the caller's process
             return self._score(batch)
 
     def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
-
-        from genmodels.clip import encode_image, encode_text_pooled
+        from genmodels.clip import encode_image, encode_text_pooled  # lazy: see the note at the top
 
         n = len(batch["caption"])
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device, torch.float32)
@@ -190,7 +186,8 @@ class ClipScorer:
         cols = {k: v for k, v in batch.items() if k != "pixels"}
         table = pa.table({k: pa.array(list(v) if v.dtype == object else v) for k, v in cols.items()})
         table = table.append_column("clip_sim", pa.array(sim))
-        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]))
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+        table = table.append_column("embedding", embedding)
         for name in HEADS:
             values = pa.array(self.heads[name](img)) if name in self.heads else pa.nulls(n, pa.float32())
             table = table.append_column(name, values)
@@ -212,11 +209,7 @@ class LlavaCaptioner:
     """
 
     def __init__(self, model: str, prompt: str, max_new_tokens: int):
-        import torch
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        from data_prep import tiny_llava
-        from data_prep.images import clean_caption
+        from transformers import AutoProcessor, LlavaForConditionalGeneration  # lazy: see the note at the top
 
         self.clean = clean_caption
         self.device = _device()
@@ -231,14 +224,10 @@ class LlavaCaptioner:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         with torch.inference_mode():
             return self._caption(batch)
 
     def _caption(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from PIL import Image
-
         result = {k: v for k, v in batch.items() if k != "image"}
         if len(batch["image"]) == 0:
             return result | {"recaption": np.array([], dtype=object)}

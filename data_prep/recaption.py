@@ -2,8 +2,8 @@
 
 One streaming Ray Data pass: ``read_webdataset`` over the download tars → :func:`prepare`
 (CPU tasks: keep only the filter's kept rows, decode, centre-crop to the processor's input
-size) → :class:`~data_prep.models.LlavaCaptioner` (actor pool; ``num_gpus`` per actor on GPU
-with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. Images are not copied: the shard
+size) → :class:`~data_prep.models.LlavaCaptioner` (actor pool; ``gpus_per_actor`` per actor on
+GPU with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. Images are not copied: the shard
 stage joins captions back to the download tars by ``key``.
 
 ``model: tiny`` builds a tiny random LLaVA offline (:mod:`data_prep.tiny_llava`) once per
@@ -32,10 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_prep import images, tiny_llava
-from data_prep.filter import (
-    _hive,
-    actor_resources,
+from data_prep.partitions import (
     pending_shards,
+    read_by_shard,
     read_shard_rows,
     read_shards,
     read_tars,
@@ -43,7 +42,8 @@ from data_prep.filter import (
     tar_shards,
     write_by_shard,
 )
-from workflows.store import Artifact
+from pipeline.stage import ActorPoolConfig, actor_resources
+from pipeline.store import Artifact
 
 log = logging.getLogger("genmodels")
 
@@ -51,7 +51,7 @@ LLAVA_15_PROMPT = "USER: <image>\nDescribe this image in one sentence. ASSISTANT
 
 
 @dataclass(frozen=True)
-class RecaptionConfig:
+class RecaptionConfig(ActorPoolConfig):
     """Settings of the recaption stage (``stages.recaption``).
 
     model: ``llava-hf/llava-1.5-7b-hf`` (or any LLaVA checkpoint id / local directory);
@@ -59,9 +59,9 @@ class RecaptionConfig:
     prompt: the full prompt in the model's chat format, containing ``<image>``.
     max_new_tokens: generation length (greedy decoding).
     batch_size: images per ``generate`` call; actors: captioner actor pool size.
-    num_gpus: GPUs per actor (0: CPU); GPU actors request 0 CPUs and run in bf16.
-    actor_num_cpus: CPUs per actor on CPU (fractional: a 2-CPU node must keep read slots free).
-    prep_num_cpus: CPUs per preprocessing task.
+    gpus_per_actor: GPUs per actor (0: CPU); GPU actors request 0 CPUs and run in bf16.
+    cpus_per_actor: CPUs per actor on CPU (fractional: a 2-CPU node must keep read slots free).
+    cpus_per_task: CPUs per preprocessing task.
     image_size: side of the square image handed to the processor; 0 = the processor's crop size.
     max_image_pixels: decompression-bomb guard.
     """
@@ -70,10 +70,7 @@ class RecaptionConfig:
     prompt: str = LLAVA_15_PROMPT
     max_new_tokens: int = 48
     batch_size: int = 8
-    actors: int = 1
-    num_gpus: float = 0.0
-    actor_num_cpus: float = 0.5
-    prep_num_cpus: float = 1.0
+    cpus_per_task: float = 1.0
     image_size: int = 0
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
 
@@ -83,10 +80,13 @@ class RecaptionConfig:
         for name in ("max_new_tokens", "batch_size", "actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        if self.cpus_per_task <= 0:
+            raise ValueError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
+        self.validate_pool()
 
 
 def processor_size(model: str) -> int:
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor  # lazy: transformers is heavy and only needed to run the stage
 
     crop = AutoProcessor.from_pretrained(tiny_llava.resolve(model)).image_processor.crop_size
     return int(crop["height"] if isinstance(crop, dict) else crop.height)
@@ -120,6 +120,7 @@ def prepare(batch: dict[str, Any], *, filt: Artifact, path_to_shard: dict[str, s
         except images.BadImage as e:
             imgs.append(np.full((size, size, 3), 255, np.uint8))
             errors.append(e.reason)
+
     def pick(name: str) -> np.ndarray:
         return np.array([cols[name][i] for i in keep], dtype=object)
 
@@ -136,9 +137,9 @@ def caption_stats(batch: pa.Table) -> pa.Table:
 
 
 def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dict[str, Any]:
-    import ray
+    import ray  # lazy: Ray is only needed inside a running stage
 
-    from data_prep.models import LlavaCaptioner
+    from data_prep.models import LlavaCaptioner  # lazy: torch and transformers, only in the actors
 
     download, filt = inputs["download"], inputs["filter"]
     _, path_to_shard = tar_shards(download)
@@ -152,14 +153,14 @@ def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dic
         size = cfg.image_size or processor_size(cfg.model)
         ds = read_tars(download, todo, path_to_shard)
         ds = ds.map_batches(prepare, batch_format="numpy", batch_size=max(cfg.batch_size, 32),
-                            num_cpus=cfg.prep_num_cpus,
+                            num_cpus=cfg.cpus_per_task,
                             fn_kwargs={"filt": filt, "path_to_shard": path_to_shard, "size": size,
                                        "max_pixels": cfg.max_image_pixels})
         ds = ds.map_batches(LlavaCaptioner, batch_format="numpy", batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                             fn_constructor_kwargs={"model": cfg.model, "prompt": cfg.prompt,
                                                    "max_new_tokens": cfg.max_new_tokens},
-                            **actor_resources(cfg.num_gpus, cfg.actor_num_cpus))
+                            **actor_resources(cfg))
         write_by_shard(ds, out, "rows")
         still = pending_shards(out, "rows", expected)
         if still:
@@ -168,8 +169,7 @@ def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dic
 
     totals = {"rows": 0, "empty": 0, "errors": 0, "words": 0}
     if any(expected.values()):
-        for row in (ray.data.read_parquet(out.child("rows"), filesystem=out.fs, partitioning=_hive(),
-                                          columns=["recaption", "recaption_error"])
+        for row in (read_by_shard(out, "rows", ["recaption", "recaption_error"])
                     .map_batches(caption_stats, batch_format="pyarrow").take_all()):
             for k in totals:
                 totals[k] += row[k]

@@ -9,23 +9,30 @@ from the download tars, the filter rows and the recaption rows, centre-crops and
 image to every resolution, and writes its files atomically under deterministic names. A
 rerun builds only the final shards whose files are missing: exactly once by construction.
 
+The train/held-out split is decided here, once, as the ``split`` column: a row is held out
+when :func:`data_prep.splits.heldout_mask` puts its ``sample_id`` in the ``heldout_fraction``
+(a salted hash of the id, so the split survives re-cutting the shards or growing the data).
+Training stages read ``split == "train"`` rows and evaluation ``"heldout"`` ones; nobody
+downstream re-derives it.
+
 Output (``i`` = 5-digit final shard index)::
 
     wds/<i>.tar          WebDataset, one sample per image, ``__key__`` = key:
                            <key>.<r>.<ext>       the image at r x r, for each r in resolutions
                            <key>.txt             original caption (cleaned)
                            <key>.recaption.txt   LLaVA caption ("" when no recaption stage)
-                           <key>.json            sample_id, key, source shard and every score
+                           <key>.json            sample_id, key, source_shard, split and every score
     parquet/<i>.parquet  same rows, one column per field:
                            sample_id, key, source_shard: string
+                           split: string, "train" or "heldout"
                            caption, recaption: string
                            orig_width, orig_height: int32; aspect: float32
                            clip_sim, aesthetic, pwatermark, punsafe: float32 (null = not scored)
                            caption_words: int32; sha256: string
                            <ext>_<r>: binary, encoded image at r x r (e.g. jpg_64), per resolution
 
-Counts: ``rows_in``, ``rows_out``, ``decode_errors``, ``shards``, ``shards_written``,
-``shards_resumed``, ``resolutions``, ``rows_per_s``.
+Counts: ``rows_in``, ``rows_out``, ``rows_train``, ``rows_heldout``, ``decode_errors``, ``shards``,
+``shards_written``, ``shards_resumed``, ``resolutions``, ``rows_per_s``.
 """
 
 from __future__ import annotations
@@ -40,16 +47,21 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_prep import download as download_mod
 from data_prep import images
-from data_prep.filter import read_shard_rows, read_shards
-from workflows.store import Artifact
+from data_prep.partitions import read_shard_rows, read_shards
+from data_prep.splits import heldout_mask
+from pipeline.store import Artifact
 
 log = logging.getLogger("genmodels")
 
 SCORES = ("clip_sim", "aesthetic", "pwatermark", "punsafe")
+SPLIT_COLUMN = "split"
+TRAIN = "train"
+HELDOUT = "heldout"
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,9 @@ class ShardConfig:
     rows_per_shard: rows per final shard (the last shard may be smaller).
     image_format / quality: encoding of the resized images (``jpg``/``png``/``webp``).
     formats: which outputs to write: ``webdataset`` tars and/or ``parquet`` files.
-    num_cpus: CPUs per shard-building task.
+    heldout_fraction: share of sample ids marked ``split = heldout`` (never trained on; the
+        evaluation's real images).
+    cpus_per_task: CPUs per shard-building task.
     max_image_pixels: decompression-bomb guard.
     """
 
@@ -70,7 +84,8 @@ class ShardConfig:
     image_format: Literal["jpg", "png", "webp"] = "jpg"
     quality: int = 95
     formats: list[Literal["webdataset", "parquet"]] = field(default_factory=lambda: ["webdataset", "parquet"])
-    num_cpus: float = 1.0
+    heldout_fraction: float = 0.1
+    cpus_per_task: float = 1.0
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
 
     def validate(self) -> None:
@@ -84,6 +99,15 @@ class ShardConfig:
             raise ValueError("formats: need webdataset and/or parquet")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality: must be in 1..100, got {self.quality}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
+        if self.cpus_per_task <= 0:
+            raise ValueError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
+
+
+def split_labels(sample_ids: list[str], fraction: float) -> list[str]:
+    """``heldout`` or ``train`` per sample id: the one place the split is decided."""
+    return [HELDOUT if h else TRAIN for h in heldout_mask(sample_ids, fraction)]
 
 
 def plan(kept: dict[str, int], rows_per_shard: int) -> list[list[tuple[str, int, int]]]:
@@ -112,6 +136,22 @@ def outputs(index: int, cfg: ShardConfig) -> list[str]:
     return [names[f] for f in ("webdataset", "parquet") if f in cfg.formats]
 
 
+def schema(cfg: ShardConfig) -> pa.Schema:
+    fields = [("sample_id", pa.string()), ("key", pa.string()), ("source_shard", pa.string()),
+              (SPLIT_COLUMN, pa.string()), ("caption", pa.string()), ("recaption", pa.string()),
+              ("orig_width", pa.int32()), ("orig_height", pa.int32()), ("aspect", pa.float32())]
+    fields += [(s, pa.float32()) for s in SCORES]
+    fields += [("caption_words", pa.int32()), ("sha256", pa.string())]
+    fields += [(f"{cfg.image_format}_{r}", pa.binary()) for r in cfg.resolutions]
+    return pa.schema(fields)
+
+
+def kept_rows(filt: Artifact, shard: str, first: int, stop: int) -> pa.Table:
+    """Kept filter rows ``[first, stop)`` of input shard ``shard``, in key order."""
+    t = read_shard_rows(filt, "rows", shard)
+    return t.filter(t.column("keep")).slice(first, stop - first)
+
+
 def read_images(art: Artifact, tar: str, keys: set[str]) -> dict[str, bytes]:
     """Image bytes of the wanted img2dataset keys from one download tar (streamed)."""
     found: dict[str, bytes] = {}
@@ -125,75 +165,91 @@ def read_images(art: Artifact, tar: str, keys: set[str]) -> dict[str, bytes]:
     return found
 
 
+def records(spec: list[tuple[str, int, int]], *, cfg: ShardConfig, download: Artifact, filt: Artifact,
+            recaption: Artifact | None, tars: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+    """The rows of one final shard (images encoded at every resolution) and its decode errors."""
+    ext = cfg.image_format
+    rows: list[dict[str, Any]] = []
+    errors = 0
+    for shard, first, stop in spec:
+        t = kept_rows(filt, shard, first, stop)
+        recaps: dict[str, str] = {}
+        if recaption is not None:
+            r = read_shard_rows(recaption, "rows", shard, ["key", "recaption"])
+            recaps = dict(zip(r.column("key").to_pylist(), r.column("recaption").to_pylist()))
+        part = shard.split("_")[0]
+        raw_keys = {k[len(part) + 1:]: k for k in t.column("key").to_pylist()}
+        data = read_images(download, tars[shard], set(raw_keys))
+        splits = split_labels(t.column("sample_id").to_pylist(), cfg.heldout_fraction)
+        for row, split in zip(t.to_pylist(), splits):
+            raw = row["key"][len(part) + 1:]
+            try:
+                img = images.decode_rgb(data.get(raw, b""), cfg.max_image_pixels, draft=max(cfg.resolutions))
+            except images.BadImage:
+                errors += 1
+                continue
+            w, h = row["orig_width"], row["orig_height"]
+            rec = {"sample_id": row["sample_id"], "key": row["key"], "source_shard": shard, SPLIT_COLUMN: split,
+                   "caption": row["caption"], "recaption": recaps.get(row["key"], ""),
+                   "orig_width": w, "orig_height": h, "aspect": max(w, h) / max(min(w, h), 1),
+                   **{s: row.get(s) for s in SCORES}, "caption_words": row["caption_words"], "sha256": row["sha256"]}
+            for r in cfg.resolutions:
+                rec[f"{ext}_{r}"] = images.encode(images.center_crop_resize(img, r), ext, cfg.quality)
+            rows.append(rec)
+    return rows, errors
+
+
+def tar_bytes(rows: list[dict[str, Any]], cfg: ShardConfig) -> bytes:
+    """One WebDataset tar of ``rows``: images per resolution, both captions, the rest as json."""
+    import webdataset as wds  # lazy: it imports torch (seconds); only the build tasks need it
+
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=0) as sink:  # fixed mtime: byte-identical reruns
+        for rec in rows:
+            meta = {k: v for k, v in rec.items() if not isinstance(v, bytes) and k not in ("caption", "recaption")}
+            sample = {"__key__": rec["key"], "txt": rec["caption"].encode(),
+                      "recaption.txt": rec["recaption"].encode(), "json": json.dumps(meta).encode()}
+            sample.update({f"{r}.{cfg.image_format}": rec[f"{cfg.image_format}_{r}"] for r in cfg.resolutions})
+            sink.write(sample)
+    return buf.getvalue()
+
+
 def build(batch: dict[str, np.ndarray], *, cfg: ShardConfig, download: Artifact, filt: Artifact,
           recaption: Artifact | None, tars: dict[str, str], out: Artifact) -> dict[str, np.ndarray]:
     """Build the final shards in ``batch`` (``index`` + ``spec`` json); returns one summary row each."""
-    import webdataset as wds
-
-    summary: dict[str, list] = {"index": [], "rows": [], "decode_errors": [], "bytes": []}
-    ext = cfg.image_format
+    summary: dict[str, list] = {"index": [], "rows": [], "heldout": [], "decode_errors": [], "bytes": []}
     for index, spec in zip(batch["index"], batch["spec"]):
-        rows: list[dict[str, Any]] = []
-        errors = 0
-        for shard, first, stop in json.loads(spec):
-            t = read_shard_rows(filt, "rows", shard)
-            t = t.filter(t.column("keep")).slice(first, stop - first)
-            recaps: dict[str, str] = {}
-            if recaption is not None:
-                r = read_shard_rows(recaption, "rows", shard, ["key", "recaption"])
-                recaps = dict(zip(r.column("key").to_pylist(), r.column("recaption").to_pylist()))
-            part = shard.split("_")[0]
-            raw_keys = {k[len(part) + 1:]: k for k in t.column("key").to_pylist()}
-            data = read_images(download, tars[shard], set(raw_keys))
-            for row in t.to_pylist():
-                raw = row["key"][len(part) + 1:]
-                try:
-                    img = images.decode_rgb(data.get(raw, b""), cfg.max_image_pixels, draft=max(cfg.resolutions))
-                except images.BadImage:
-                    errors += 1
-                    continue
-                w, h = row["orig_width"], row["orig_height"]
-                rec = {"sample_id": row["sample_id"], "key": row["key"], "source_shard": shard,
-                       "caption": row["caption"], "recaption": recaps.get(row["key"], ""),
-                       "orig_width": w, "orig_height": h, "aspect": max(w, h) / max(min(w, h), 1),
-                       **{s: row.get(s) for s in SCORES}, "caption_words": row["caption_words"], "sha256": row["sha256"]}
-                for r in cfg.resolutions:
-                    rec[f"{ext}_{r}"] = images.encode(images.center_crop_resize(img, r), ext, cfg.quality)
-                rows.append(rec)
+        rows, errors = records(json.loads(spec), cfg=cfg, download=download, filt=filt, recaption=recaption,
+                               tars=tars)
         nbytes = 0
-        if "webdataset" in cfg.formats:
-            buf = io.BytesIO()
-            with wds.TarWriter(buf, encoder=False, mtime=0) as sink:  # fixed mtime: byte-identical reruns
-                for rec in rows:
-                    meta = {k: v for k, v in rec.items() if not isinstance(v, bytes) and k not in ("caption", "recaption")}
-                    sample = {"__key__": rec["key"], "txt": rec["caption"].encode(),
-                              "recaption.txt": rec["recaption"].encode(), "json": json.dumps(meta).encode()}
-                    sample.update({f"{r}.{ext}": rec[f"{ext}_{r}"] for r in cfg.resolutions})
-                    sink.write(sample)
-            out.write_bytes(f"wds/{index:05d}.tar", buf.getvalue())
-            nbytes += buf.tell()
+        if "webdataset" in cfg.formats:  # written first: the parquet file marks the shard complete
+            data = tar_bytes(rows, cfg)
+            out.write_bytes(f"wds/{index:05d}.tar", data)
+            nbytes += len(data)
         if "parquet" in cfg.formats:
-            table = pa.Table.from_pylist(rows, schema=schema(cfg))
-            nbytes += out.write_parquet(f"parquet/{index:05d}.parquet", table)
+            nbytes += out.write_parquet(f"parquet/{index:05d}.parquet", pa.Table.from_pylist(rows, schema=schema(cfg)))
         summary["index"].append(int(index))
         summary["rows"].append(len(rows))
+        summary["heldout"].append(sum(r[SPLIT_COLUMN] == HELDOUT for r in rows))
         summary["decode_errors"].append(errors)
         summary["bytes"].append(nbytes)
     return {k: np.array(v, dtype=np.int64) for k, v in summary.items()}
 
 
-def schema(cfg: ShardConfig) -> pa.Schema:
-    fields = [("sample_id", pa.string()), ("key", pa.string()), ("source_shard", pa.string()),
-              ("caption", pa.string()), ("recaption", pa.string()), ("orig_width", pa.int32()),
-              ("orig_height", pa.int32()), ("aspect", pa.float32())]
-    fields += [(s, pa.float32()) for s in SCORES]
-    fields += [("caption_words", pa.int32()), ("sha256", pa.string())]
-    fields += [(f"{cfg.image_format}_{r}", pa.binary()) for r in cfg.resolutions]
-    return pa.schema(fields)
+def finished_rows(out: Artifact, filt: Artifact, index: int, spec: list[tuple[str, int, int]],
+                  cfg: ShardConfig) -> tuple[int, int]:
+    """(rows, held-out rows) of a final shard an earlier run built: from its parquet file, or
+    (webdataset only) from the kept ids its spec names."""
+    if "parquet" in cfg.formats:
+        with out.fs.open_input_file(out.child(f"parquet/{index:05d}.parquet")) as f:
+            split = pq.read_table(f, columns=[SPLIT_COLUMN]).column(SPLIT_COLUMN)
+        return len(split), pc.sum(pc.equal(split, HELDOUT)).as_py() or 0
+    ids = [i for shard, a, b in spec for i in kept_rows(filt, shard, a, b).column("sample_id").to_pylist()]
+    return len(ids), int(heldout_mask(ids, cfg.heldout_fraction).sum())
 
 
 def run(inputs: dict[str, Artifact], cfg: ShardConfig, out: Artifact) -> dict[str, Any]:
-    import ray
+    import ray  # lazy: Ray is only needed inside a running stage
 
     download, filt, recaption = inputs["download"], inputs["filter"], inputs.get("recaption")
     kept = {s: v["kept"] for s, v in read_shards(filt).items() if v["kept"]}
@@ -208,28 +264,24 @@ def run(inputs: dict[str, Artifact], cfg: ShardConfig, out: Artifact) -> dict[st
     if todo:
         items = [{"index": i, "spec": json.dumps(specs[i])} for i in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(build, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
+        ds = ds.map_batches(build, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
                             fn_kwargs={"cfg": cfg, "download": download, "filt": filt, "recaption": recaption,
                                        "tars": tars, "out": out})
         results = ds.take_all()
     wall = time.time() - t0
-    # Every shard, including ones built by an earlier (interrupted) run: read the footers.
-    rows_out = 0
-    for i in range(len(specs)):
-        name = outputs(i, cfg)[-1]
-        if name.endswith(".parquet"):
-            with out.fs.open_input_file(out.child(name)) as f:
-                rows_out += pq.read_metadata(f).num_rows
-        else:
-            rows_out += sum(b - a for _, a, b in specs[i])
-    errors = sum(r["decode_errors"] for r in results)
-    if "parquet" not in cfg.formats:
-        rows_out -= errors
-    counts = {"rows_in": sum(kept.values()), "rows_out": rows_out, "decode_errors": errors, "shards": len(specs),
-              "shards_written": len(todo), "shards_resumed": len(specs) - len(todo), "resolutions": list(cfg.resolutions),
+    # Every shard, including ones built by an earlier (interrupted) run.
+    built = {int(r["index"]): (int(r["rows"]), int(r["heldout"])) for r in results}
+    per_shard = [built[i] if i in built else finished_rows(out, filt, i, specs[i], cfg) for i in range(len(specs))]
+    rows_out = sum(n for n, _ in per_shard)
+    heldout = sum(h for _, h in per_shard)
+    errors = sum(int(r["decode_errors"]) for r in results)
+    counts = {"rows_in": sum(kept.values()), "rows_out": rows_out, "rows_train": rows_out - heldout,
+              "rows_heldout": heldout, "decode_errors": errors, "shards": len(specs), "shards_written": len(todo),
+              "shards_resumed": len(specs) - len(todo), "resolutions": list(cfg.resolutions),
               "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
-    log.info("[shard] summary: rows in %d, rows out %d, decode errors %d, %d shards (%d resumed), %.1f rows/s",
-             counts["rows_in"], rows_out, errors, len(specs), counts["shards_resumed"], counts["rows_per_s"] or 0.0)
+    log.info("[shard] summary: rows in %d, rows out %d (%d held out), decode errors %d, %d shards (%d resumed), "
+             "%.1f rows/s", counts["rows_in"], rows_out, heldout, errors, len(specs), counts["shards_resumed"],
+             counts["rows_per_s"] or 0.0)
     return counts
 
 
@@ -237,4 +289,3 @@ def read_parquet_shards(art: Artifact) -> pa.Table:
     """All final parquet shards of a shard artifact (for tests and small consumers)."""
     tables = [pq.read_table(art.child(n), filesystem=art.fs) for n in art.list(".parquet", subdir="parquet")]
     return pa.concat_tables(tables) if tables else pa.table({})
-

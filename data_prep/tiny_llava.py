@@ -13,6 +13,7 @@ the model, is under test.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 IMAGE_SIZE = 32
@@ -31,6 +32,7 @@ def build(path: str, seed: int = 0) -> str:
 
     Deterministic in ``seed``. ``from_pretrained(path)`` gives the same weights back exactly.
     """
+    # lazy: torch, tokenizers and transformers take seconds to import; only a build needs them
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -85,8 +87,6 @@ def ensure(path: str, seed: int = 0) -> str:
         try:
             os.replace(tmp, path)
         except OSError:  # another process finished first
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return path
 

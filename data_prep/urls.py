@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from workflows.store import Artifact, filesystem
+from data_prep import demo
+from pipeline.store import Artifact, filesystem
 
 log = logging.getLogger("genmodels")
 REQUIRED = ("url", "caption")
@@ -49,11 +50,9 @@ class UrlsConfig:
 
 def run(inputs: dict[str, Artifact], cfg: UrlsConfig, out: Artifact) -> dict:
     if cfg.source == "demo":
-        from data_prep import demo_data
-
-        items = list(demo_data.generate(cfg.n, cfg.seed, cfg.min_size, cfg.max_size)) + list(demo_data.broken_items())
-        rows = demo_data.write_site(out.fs, out.child("site"), items)
-        table = demo_data.write_url_parquet(rows, base_url(cfg), out.fs, out.child("urls.parquet"))
+        items = list(demo.generate(cfg.n, cfg.seed, cfg.min_size, cfg.max_size)) + demo.broken_items()
+        rows = demo.write_site(out.fs, out.child("site"), items)
+        table = demo.write_url_parquet(rows, base_url(cfg), out.fs, out.child("urls.parquet"))
         log.info("[urls] demo site: %d items (%d broken on purpose) served at %s", len(items),
                  sum(r != "ok" for r in table.column("expected").to_pylist()), base_url(cfg))
     else:
@@ -89,6 +88,4 @@ def serve(art: Artifact, cfg: UrlsConfig):
     """While downstream stages run, serve the demo site on its fixed loopback port."""
     if cfg.source != "demo":
         return contextlib.nullcontext()
-    from data_prep import demo_data
-
-    return demo_data.serve(art.fs, art.child("site"), port=cfg.port)
+    return demo.serve(art.fs, art.child("site"), port=cfg.port)

@@ -77,3 +77,41 @@ def preprocess_tensor(model, images: torch.Tensor) -> torch.Tensor:
     x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     x = ((x.clamp(-1, 1) + 1) / 2 - _MEAN.to(x.device)) / _STD.to(x.device)
     return x
+
+
+class TextEncoder(torch.nn.Module):
+    """Captions -> CLIP token states, the one text encoder of both families.
+
+    Returns ``text`` (B, L, width) last-layer token states (Würstchen §3: Stages B/C attend to
+    the unpooled states), ``text_mask`` (B, L) true on real tokens, and ``text_embed`` (B, D)
+    the pooled, projected embedding (PaGoDA's CLIP term). The text transformer is causal, so the
+    first L states of a full encoding equal an encoding of L tokens; ``tokens=0`` keeps the
+    whole context (77 for CLIP). ``pooled=False`` skips ``text_embed`` (a second text pass),
+    for callers that only condition on the token states (Würstchen).
+    """
+
+    def __init__(self, name: str = TINY, pretrained: str = "", tokens: int = 0, pooled: bool = True):
+        super().__init__()
+        self.clip, _, self.tokenizer = build_clip(name, pretrained or None)
+        self.tokens, self.pooled = tokens, pooled
+
+    @property
+    def width(self) -> int:
+        return text_width(self.clip)
+
+    @torch.no_grad()
+    def forward(self, captions) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer([str(c) for c in captions]).to(next(self.clip.parameters()).device)
+        keep = self.tokens or tok.shape[1]
+        out = {"text": encode_text_tokens(self.clip, tok)[:, :keep].float(), "text_mask": tok[:, :keep] != 0}
+        if self.pooled:
+            out["text_embed"] = encode_text_pooled(self.clip, tok).float()
+        return out
+
+
+def text_dims(name: str) -> tuple[int, int]:
+    """(token width, pooled width) of an open_clip model config, without building the model."""
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r}")
+    return int(cfg["text_cfg"]["width"]), int(cfg["embed_dim"])

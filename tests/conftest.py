@@ -60,7 +60,9 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Own agent ports: another Ray on the machine (a demo run) must not hold ours.
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     dashboard = f"http://127.0.0.1:{dash}"

@@ -20,55 +20,18 @@ import uuid
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep import download, recaption, shard, urls  # noqa: E402
-from data_prep import filter as filt  # noqa: E402
-from workflows import config as config_mod  # noqa: E402
-from workflows import evaluate, pagoda_invert, pagoda_stages, report, runner, wuerstchen_stages  # noqa: E402
-from workflows import pagoda_control as pagoda_sample  # noqa: E402
-from workflows.stage import Stage  # noqa: E402
-from workflows.store import Store  # noqa: E402
-from workflows.train import train_resources  # noqa: E402
+from data_prep import stages as data_stages  # noqa: E402
+from pipeline import config as config_mod  # noqa: E402
+from pipeline import runner  # noqa: E402
+from pipeline.stage import Stage  # noqa: E402
+from pipeline.store import Store  # noqa: E402
+from workflows import evaluate, pagoda, report, wuerstchen  # noqa: E402
 
 log = logging.getLogger("genmodels")
 
-
-def _actors(c) -> dict[str, float]:
-    """Resources of a model actor pool: GPUs when configured, else the actors' CPU share."""
-    return {"GPU": c.num_gpus * c.actors} if c.num_gpus else {"CPU": c.actor_num_cpus * c.actors}
-
-
-STAGES: list[Stage] = [
-    # -- data -------------------------------------------------------------------------------
-    Stage("urls", urls.run, urls.UrlsConfig, service=urls.serve),
-    Stage("download", download.run, download.DownloadConfig, inputs=("urls",), uses_ray=True,
-          resources=lambda c: {"CPU": c.num_cpus}),
-    Stage("filter", filt.run, filt.FilterConfig, inputs=("download",), uses_ray=True,
-          resources=_actors),
-    Stage("recaption", recaption.run, recaption.RecaptionConfig, inputs=("download", "filter"), uses_ray=True,
-          resources=_actors),
-    Stage("shard", shard.run, shard.ShardConfig, inputs=("download", "filter", "recaption"), uses_ray=True,
-          resources=lambda c: {"CPU": c.num_cpus}),
-    # -- Würstchen: stage_a -> encode_a -> stage_b (+ compressor) -> encode_semantic -> stage_c -> sample
-    *wuerstchen_stages.STAGES,
-    # -- PaGoDA: teacher at the base resolution -> DDIM inversion -> one-step G -> grow 2x, 2x -> sample
-    Stage("pagoda_teacher", pagoda_stages.run_teacher, pagoda_stages.TeacherConfig, inputs=("shard",), uses_ray=True,
-          resources=train_resources),
-    Stage("pagoda_invert", pagoda_invert.run_invert, pagoda_invert.InvertConfig, inputs=("shard", "pagoda_teacher"),
-          uses_ray=True, resources=pagoda_invert.resources),
-    Stage("pagoda_distill", pagoda_stages.run_distill, pagoda_stages.DistillConfig,
-          inputs=("pagoda_invert", "pagoda_teacher"), uses_ray=True, resources=train_resources),
-    Stage("pagoda_grow_32", pagoda_stages.run_grow, pagoda_stages.GrowConfig, inputs=("pagoda_invert", "pagoda_distill"),
-          uses_ray=True, resources=train_resources),
-    Stage("pagoda_grow_64", pagoda_stages.run_grow, pagoda_stages.GrowConfig, inputs=("pagoda_invert", "pagoda_grow_32"),
-          uses_ray=True, resources=train_resources),
-    Stage("pagoda_sample", pagoda_sample.run_sample, pagoda_sample.SampleConfig,
-          inputs=("shard", "pagoda_distill", "pagoda_grow_32", "pagoda_grow_64"), uses_ray=True,
-          resources=pagoda_sample.resources),
-    # -- every trained model against held-out real images
-    Stage("evaluate", evaluate.run, evaluate.EvaluateConfig,
-          inputs=("shard", "wuerstchen_stage_a", "wuerstchen_stage_b", "wuerstchen_stage_c", "wuerstchen_sample",
-                  "pagoda_distill", "pagoda_grow_32", "pagoda_grow_64", "pagoda_sample")),
-]
+# The table of contents. Each family owns its rows (inputs named by role); evaluate reads every
+# family's generators through the same face (workflows/family.py).
+STAGES: list[Stage] = [*data_stages.STAGES, *wuerstchen.STAGES, *pagoda.STAGES, evaluate.STAGE]
 
 # Variables that Ray workers on a cluster must see as the driver does.
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",

@@ -14,7 +14,7 @@ import io
 import logging
 from typing import Any
 
-from workflows.store import Artifact, Store
+from pipeline.store import Artifact, Store
 from workflows.train.export import read_history
 
 log = logging.getLogger("genmodels")

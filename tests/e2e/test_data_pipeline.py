@@ -19,18 +19,19 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep import demo_data, download, recaption, shard
+from data_prep import demo, download, partitions, recaption, shard
 from data_prep import filter as filt
 from data_prep.models import save_head
+from data_prep.splits import heldout_mask
+from pipeline.config import build
+from pipeline.store import Store
 from tests.conftest import REPO
-from workflows.config import build
-from workflows.store import Store
 
 pytestmark = pytest.mark.slow
 
 N_GOOD = 16
 DOWNLOAD = {"rows_per_partition": 12, "rows_per_shard": 6, "image_size": 256, "min_image_size": 16, "threads": 4,
-            "num_cpus": 0.5, "timeout_s": 5}
+            "cpus_per_task": 0.5, "timeout_s": 5}
 # Tiny random CLIP: similarities are meaningless, so the threshold keeps everything and near-dup
 # detection only catches (almost) identical embeddings. That is configuration, not faking.
 FILTER = {"clip_model": "tiny-clip", "clip_pretrained": None, "min_clip_sim": -1.0, "min_side": 32, "batch_size": 8,
@@ -47,10 +48,10 @@ def site(tmp_path_factory):
     store = Store(str(root / "store"))
     urls = store.artifact("urls", "test")
     fs = pafs.LocalFileSystem()
-    items = list(demo_data.generate(N_GOOD, seed=3)) + demo_data.broken_items()
-    rows = demo_data.write_site(fs, urls.child("site"), items)
-    with demo_data.serve(fs, urls.child("site")) as base:
-        demo_data.write_url_parquet(rows, base, fs, urls.child("urls.parquet"))
+    items = list(demo.generate(N_GOOD, seed=3)) + demo.broken_items()
+    rows = demo.write_site(fs, urls.child("site"), items)
+    with demo.serve(fs, urls.child("site")) as base:
+        demo.write_url_parquet(rows, base, fs, urls.child("urls.parquet"))
         os.environ["GENMODELS_CACHE"] = str(root / "cache")  # tiny LLaVA built here, once
         yield {"root": root, "store": store, "urls": urls, "n": len(items)}
 
@@ -58,8 +59,9 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def heads(site):
     g = torch.Generator().manual_seed(1)
-    return save_head(str(site["root"] / "aesthetic.safetensors"),
-                     [(torch.randn(8, 64, generator=g), torch.zeros(8)), (torch.randn(1, 8, generator=g), torch.full((1,), 5.0))])
+    layers = [(torch.randn(8, 64, generator=g), torch.zeros(8)),
+              (torch.randn(1, 8, generator=g), torch.full((1,), 5.0))]
+    return save_head(str(site["root"] / "aesthetic.safetensors"), layers)
 
 
 def _run(mod, cfg_cls, data, inputs, out):
@@ -161,8 +163,9 @@ def test_filter_keeps_every_score_and_counts_rejections(filtered, downloaded):
         assert col in t.column_names, col
     assert t.column("aesthetic").null_count == 0 and t.column("punsafe").null_count == t.num_rows
     captions = dict(zip(t.column("sample_id").to_pylist(), t.column("caption").to_pylist()))
-    assert "\x00" not in captions["broken-control_chars_caption"] and "\x1b" not in captions["broken-control_chars_caption"]
-    shards = filt.read_shards(art)
+    control = captions["broken-control_chars_caption"]
+    assert "\x00" not in control and "\x1b" not in control
+    shards = partitions.read_shards(art)
     assert sum(v["kept"] for v in shards.values()) == counts["rows_out"]
 
 
@@ -175,8 +178,8 @@ import json, os, sys
 import ray
 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
 from data_prep import filter as filt
-from workflows.config import build
-from workflows.store import Store
+from pipeline.config import build
+from pipeline.store import Store
 store = Store({site["store"].uri!r})
 cfg = build(filt.FilterConfig, json.load(open({str(cfg_file)!r})), "filter")
 filt.run({{"download": store.artifact("download", "a")}}, cfg, store.artifact("filter", "killed"))
@@ -194,7 +197,7 @@ filt.run({{"download": store.artifact("download", "a")}}, cfg, store.artifact("f
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not art.exists(filt.SHARDS)  # it really was interrupted
+    assert not art.exists(partitions.SHARDS)  # it really was interrupted
     time.sleep(3)  # the dead driver's Ray workers are being torn down
     counts, _ = _run(filt, filt.FilterConfig, {**FILTER, "aesthetic_head": heads}, {"download": downloaded[0]}, art)
     reference = filtered[0]
@@ -212,7 +215,8 @@ def test_recaption_keeps_the_original_caption_beside_the_new_one(recaptioned, fi
     rec = pads.dataset(art.child("rows"), format="parquet", partitioning="hive").to_table()
     kept = pads.dataset(filtered[0].child("rows"), format="parquet", partitioning="hive").to_table()
     kept = {k: c for k, c, keep in zip(*(kept.column(n).to_pylist() for n in ("key", "caption", "keep"))) if keep}
-    got = dict(zip(rec.column("key").to_pylist(), zip(rec.column("caption").to_pylist(), rec.column("recaption").to_pylist())))
+    got = dict(zip(rec.column("key").to_pylist(),
+                   zip(rec.column("caption").to_pylist(), rec.column("recaption").to_pylist())))
     assert set(got) == set(kept)
     assert all(got[k][0] == kept[k] and isinstance(got[k][1], str) for k in kept)
 
@@ -229,6 +233,12 @@ def test_shards_are_training_ready(sharded, filtered, recaptioned):
     assert t.schema.equals(shard.schema(build(shard.ShardConfig, SHARD, "s")))
     ids = t.column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == kept
+    # The split is decided here, once, by sample id: both sides present, exactly heldout_mask's choice.
+    split = dict(zip(ids, t.column(shard.SPLIT_COLUMN).to_pylist()))
+    assert set(split.values()) == {shard.TRAIN, shard.HELDOUT}
+    assert [split[i] == shard.HELDOUT for i in ids] == heldout_mask(ids, 0.1).tolist()
+    assert (counts["rows_train"], counts["rows_heldout"]) == (list(split.values()).count(shard.TRAIN),
+                                                              list(split.values()).count(shard.HELDOUT))
     for r in (32, 64):
         for data in t.column(f"jpg_{r}").to_pylist()[:3]:
             assert Image.open(io.BytesIO(data)).size == (r, r)
@@ -240,7 +250,8 @@ def test_shards_are_training_ready(sharded, filtered, recaptioned):
         for sample in wds.WebDataset(art.child(name), shardshuffle=False, empty_check=False):
             keys.append(sample["__key__"])
             assert {"32.jpg", "64.jpg", "txt", "recaption.txt", "json"} <= set(sample)
-            assert json.loads(sample["json"])["sample_id"] in ids
+            meta = json.loads(sample["json"])
+            assert meta["sample_id"] in ids and meta[shard.SPLIT_COLUMN] == split[meta["sample_id"]]
     assert sorted(keys) == sorted(t.column("key").to_pylist())
 
 
@@ -253,7 +264,9 @@ def test_shard_rerun_builds_only_missing_shards(sharded, downloaded, filtered, r
     os.remove(again.child("parquet/00002.parquet"))
     c, _ = _run(shard, shard.ShardConfig, SHARD,
                 {"download": downloaded[0], "filter": filtered[0], "recaption": recaptioned[0]}, again)
-    assert c["shards_written"] == 2 and c["shards_resumed"] == counts["shards"] - 2 and c["rows_out"] == counts["rows_out"]
+    assert c["shards_written"] == 2 and c["shards_resumed"] == counts["shards"] - 2
+    assert {k: c[k] for k in ("rows_out", "rows_train", "rows_heldout")} == \
+        {k: counts[k] for k in ("rows_out", "rows_train", "rows_heldout")}
     assert shard.read_parquet_shards(again).equals(shard.read_parquet_shards(art))
     for name in art.list(".tar", subdir="wds"):
         assert again.read_bytes(name) == art.read_bytes(name)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from workflows.store import Store
+from pipeline.store import Store
 from workflows.train import TrainConfig, fit, load_weights, synthetic
 from workflows.train.export import read_history
 

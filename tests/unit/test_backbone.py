@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from workflows import config as C
-from workflows import runner
-from workflows.stage import Stage
-from workflows.store import MANIFEST, Store
+from pipeline import config as C
+from pipeline import runner
+from pipeline.stage import Stage
+from pipeline.store import MANIFEST, Store
 
 CALLS: list[str] = []
 

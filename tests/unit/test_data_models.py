@@ -64,7 +64,8 @@ def test_clip_scorer_scores_and_skips_unconfigured_heads(tmp_path):
              "key": np.array(["k0", "k1", "k2"], dtype=object), "width": np.array([40, 40, 40], np.int32)}
     scorer = models.ClipScorer("tiny-clip", None, {"aesthetic": aest, "pwatermark": wm, "punsafe": None})
     out = scorer(batch)
-    assert out.column_names == ["caption", "key", "width", "clip_sim", "embedding", "aesthetic", "pwatermark", "punsafe"]
+    assert out.column_names == ["caption", "key", "width", "clip_sim", "embedding", "aesthetic", "pwatermark",
+                                "punsafe"]
     assert out.column("punsafe").null_count == 3 and out.column("aesthetic").null_count == 0
     sims = np.array(out.column("clip_sim").to_pylist())
     assert np.all(np.abs(sims) <= 1.0 + 1e-5)

@@ -9,10 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import download, recaption, shard
+from data_prep import dedup, download, partitions, recaption, shard
 from data_prep import filter as filt
-from workflows.config import ConfigError, build
-from workflows.store import Store
+from data_prep.splits import heldout_mask
+from data_prep.stages import STAGES
+from pipeline.config import ConfigError, build
+from pipeline.stage import actor_resources, pool_resources
+from pipeline.store import Store
 
 # --------------------------------------------------------------------------------------------- configs
 
@@ -28,6 +31,10 @@ from workflows.store import Store
     (recaption.RecaptionConfig, {"prompt": "Describe it."}, "stages.recaption.prompt: must contain '<image>'"),
     (shard.ShardConfig, {"resolutions": [64, 64]}, "stages.shard.resolutions: duplicates in [64, 64]"),
     (shard.ShardConfig, {"formats": ["zip"]}, "stages.shard.formats[0]: expected one of"),
+    (shard.ShardConfig, {"heldout_fraction": 1.0}, "stages.shard.heldout_fraction: must be in [0, 1), got 1.0"),
+    (filt.FilterConfig, {"cpus_per_actor": 0.0}, "stages.filter.cpus_per_actor: must be > 0 without GPUs"),
+    (recaption.RecaptionConfig, {"gpus_per_actor": -1.0}, "stages.recaption.gpus_per_actor: must be >= 0"),
+    (download.DownloadConfig, {"cpus_per_task": 0.0}, "stages.download.cpus_per_task: must be > 0"),
 ])
 def test_bad_config_names_the_key(cls, data, message):
     with pytest.raises(ConfigError) as e:
@@ -84,7 +91,8 @@ def test_partitions_and_slices_are_deterministic(tmp_path):
 
 def test_missing_url_column_is_named(tmp_path):
     art = _urls_artifact(tmp_path, pa.table({"URL": ["http://x"], "caption": ["c"]}))
-    with pytest.raises(ValueError, match=r"download.url_col: urls.parquet has no column 'url' \(columns: URL, caption\)"):
+    message = r"download.url_col: urls.parquet has no column 'url' \(columns: URL, caption\)"
+    with pytest.raises(ValueError, match=message):
         download.plan_partitions(art, download.DownloadConfig())
 
 
@@ -143,9 +151,10 @@ def test_decide_reasons_and_duplicates():
 
 def test_near_duplicates_keep_the_first_of_each_group():
     x = np.array([[1, 0], [1, 0.01], [0, 1], [0.7, 0.7], [0, 1.0]], np.float32)
-    assert filt.near_duplicates(x, 0.99) == {1: 0, 4: 2}
-    assert filt.near_duplicates(x, 0.99, chunk=2) == {1: 0, 4: 2}  # chunking changes nothing
-    assert filt.near_duplicates(x, 1.01) == {}
+    assert dedup.near_duplicates(x, 0.99) == {1: 0, 4: 2}
+    assert dedup.near_duplicates(x, 0.99, chunk=2) == {1: 0, 4: 2}  # chunking changes nothing
+    assert dedup.near_duplicates(x, 1.01) == {}
+    assert dedup.exact_duplicates(["a", "b", "a", "c", "b"]) == {2: 0, 4: 1}
 
 
 def test_pending_shards_deletes_incomplete_output(tmp_path):
@@ -153,11 +162,11 @@ def test_pending_shards_deletes_incomplete_output(tmp_path):
     for name, n in (("a", 3), ("b", 2)):
         art.write_parquet(f"rows/shard={name}/x.parquet", pa.table({"key": [f"{name}{i}" for i in range(n)]}))
     art.write_bytes("rows/shard=c/x.parquet", b"PAR1 cut short")  # a crash mid-write
-    assert filt.written_rows(art, "rows") == {"a": 3, "b": 2, "c": -1}
-    pending = filt.pending_shards(art, "rows", {"a": 3, "b": 5, "c": 1, "d": 0})
+    assert partitions.written_rows(art, "rows") == {"a": 3, "b": 2, "c": -1}
+    pending = partitions.pending_shards(art, "rows", {"a": 3, "b": 5, "c": 1, "d": 0})
     assert pending == ["b", "c"]
-    assert filt.written_rows(art, "rows") == {"a": 3}
-    assert filt.read_shard_rows(art, "rows", "a").column("key").to_pylist() == ["a0", "a1", "a2"]
+    assert partitions.written_rows(art, "rows") == {"a": 3}
+    assert partitions.read_shard_rows(art, "rows", "a").column("key").to_pylist() == ["a0", "a1", "a2"]
 
 
 # --------------------------------------------------------------------------------------------- shard
@@ -169,3 +178,32 @@ def test_shard_plan_cuts_global_order_into_fixed_sizes():
     assert shard.plan({}, 5) == []
     cfg = build(shard.ShardConfig, {"formats": ["parquet", "webdataset"]}, "s")
     assert shard.outputs(7, cfg) == ["wds/00007.tar", "parquet/00007.parquet"]  # parquet (the marker) last
+
+
+def test_shard_split_is_decided_by_heldout_mask():
+    ids = [f"demo-{i:06d}" for i in range(200)]
+    labels = shard.split_labels(ids, 0.1)
+    assert set(labels) == {shard.TRAIN, shard.HELDOUT}
+    assert [x == shard.HELDOUT for x in labels] == heldout_mask(ids, 0.1).tolist()
+    assert set(shard.split_labels(ids, 0.0)) == {shard.TRAIN}
+    cfg = build(shard.ShardConfig, {"resolutions": [32]}, "s")
+    assert cfg.heldout_fraction == 0.1 and shard.SPLIT_COLUMN in shard.schema(cfg).names
+
+
+# --------------------------------------------------------------------------------------------- stage table
+
+
+def test_data_stages_table_names_inputs_by_role_and_shares_the_pool_vocabulary():
+    by_name = {s.name: s for s in STAGES}
+    assert list(by_name) == ["urls", "download", "filter", "recaption", "shard"]
+    assert by_name["shard"].inputs == {"download": "download", "filter": "filter", "recaption": "recaption"}
+    assert by_name["recaption"].upstream == ["download", "filter"]
+    assert by_name["urls"].service is not None and not by_name["urls"].uses_ray
+    f = build(filt.FilterConfig, {"gpus_per_actor": 0.5, "actors": 2}, "f")
+    assert by_name["filter"].resources(f) == pool_resources(f) == {"GPU": 1.0}
+    assert actor_resources(f) == {"num_gpus": 0.5, "num_cpus": 0}
+    r = build(recaption.RecaptionConfig, {}, "r")
+    assert (r.batch_size, r.actors, r.cpus_per_actor, r.gpus_per_actor, r.cpus_per_task) == (8, 1, 0.5, 0.0, 1.0)
+    assert by_name["recaption"].resources(r) == {"CPU": 0.5}
+    assert by_name["download"].resources(build(download.DownloadConfig, {"cpus_per_task": 0.5}, "d")) == {"CPU": 0.5}
+    assert by_name["shard"].resources(build(shard.ShardConfig, {}, "s")) == {"CPU": 1.0}

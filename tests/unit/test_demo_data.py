@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_prep import demo_data as dd
+from data_prep import demo as dd
+from data_prep.demo import cli, shapes
 
 LOCAL = pafs.LocalFileSystem()
 
@@ -86,7 +87,7 @@ def test_without_photos_still_has_rgba_and_grayscale_png():
     got = list(dd.generate(20, seed=0, photos=False))
     assert all(i.shapes for i in got)
     assert (_decode(got[7]).mode, _decode(got[17]).mode) == ("RGBA", "L")
-    assert {s.colour for s in got[17].shapes} <= set(dd.ACHROMATIC)
+    assert {s.colour for s in got[17].shapes} <= set(shapes.ACHROMATIC)
 
 
 def _check_caption_and_pixels(item: dd.DemoItem) -> None:
@@ -98,15 +99,15 @@ def _check_caption_and_pixels(item: dd.DemoItem) -> None:
     for bg in sorted(item.background.split(" to "), key=len, reverse=True):
         assert bg in caption
         rest = rest.replace(bg, " ")
-    named = {c for c in dd.OBJECT_COLOURS if re.search(rf"\b{c}\b", rest)}
+    named = {c for c in shapes.OBJECT_COLOURS if re.search(rf"\b{c}\b", rest)}
     assert named == {s.colour for s in item.shapes}, caption
     rgb = np.asarray(_decode(item).convert("RGB"), dtype=np.float32)
     for s in item.shapes:
         assert f"{s.colour} {s.kind}" in caption
-        assert s.size in dd.SIZES and s.r >= 5
+        assert s.size in shapes.SIZES and s.r >= 5
         assert s.r <= s.cx <= item.width - s.r and s.r <= s.cy <= item.height - s.r
         x, y = s.probe
-        dist = {c: np.linalg.norm(rgb[y, x] - v) for c, v in dd.OBJECT_COLOURS.items()}
+        dist = {c: np.linalg.norm(rgb[y, x] - v) for c, v in shapes.OBJECT_COLOURS.items()}
         assert min(dist, key=dist.get) == s.colour and dist[s.colour] < 40, (item.name, s, rgb[y, x])
 
 
@@ -218,7 +219,7 @@ def test_url_parquet(site, tmp_path):
 
 
 def test_main_writes_site_and_parquet(tmp_path):
-    dd.main(["--out", str(tmp_path), "--n", "6", "--base-url", "http://127.0.0.1:8000"])
+    cli.main(["--out", str(tmp_path), "--n", "6", "--base-url", "http://127.0.0.1:8000"])
     table = pq.read_table(str(tmp_path / "urls.parquet"))
     assert table.num_rows == 6 + len(dd.BROKEN_REASONS)
     assert len(os.listdir(tmp_path / "site" / "images")) == 6 + len(dd.BROKEN_REASONS) - 1  # no 404 file

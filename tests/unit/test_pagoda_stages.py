@@ -1,5 +1,6 @@
-"""PaGoDA stage glue without Ray: configs, row selection, collate, the Inverter class, model
-round trips through exported artifacts, and the control CLI on random tiny weights."""
+"""PaGoDA stage glue without Ray: configs, the stage table (rows by role, growth rows), shard rows as
+PaGoDA reads them, collate, the Inverter class, model round trips through exported artifacts, the
+family face, and the control CLI on random tiny weights."""
 
 from __future__ import annotations
 
@@ -8,42 +9,36 @@ import io
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from data_prep import demo_data
-from data_prep.images import decode_rgb, encode
-from data_prep.splits import heldout_mask
-from genmodels.pagoda import EDMPrecond, Generator, UNet, grow_2x, ode_sample
-from workflows.config import ConfigError, build
-from workflows.pagoda_control import SampleConfig, init_generator
-from workflows.pagoda_control import main as control_main
-from workflows.pagoda_invert import (
-    InvertConfig,
-    Inverter,
-    TextEncoder,
-    decode_images,
-    image_column,
-    load_teacher,
-    row_ids,
-    select_rows,
-    text_dims,
-)
-from workflows.pagoda_stages import (
-    NETS,
+from data_prep.splits import heldout_mask, row_ids, subset_mask
+from genmodels import clip as clip_mod
+from genmodels.clip import TextEncoder
+from genmodels.pagoda import EDMPrecond, Generator, UNet, grow_2x, ode_sample, sample_latents
+from pipeline import config as config_mod
+from pipeline import runner
+from pipeline.config import ConfigError, build
+from pipeline.stage import Stage
+from pipeline.store import Artifact, Store
+from tests.fakes import write_fake_shard
+from workflows import pagoda, shard_data
+from workflows.pagoda.control import main as control_main
+from workflows.pagoda.invert import InvertConfig, Inverter
+from workflows.pagoda.models import TEACHER_PRESETS, load_one_step, load_teacher
+from workflows.pagoda.sample import SampleConfig, decode, init_generator
+from workflows.pagoda.stages import (
     DistillConfig,
     GrowConfig,
     TeacherConfig,
     generator_spec,
     growth_config,
-    load_generator,
     pair_collate,
+    run_grow,
     teacher_spec,
 )
-from workflows.store import Artifact, Store
 from workflows.train import TrainConfig, export, load_weights
 from workflows.train.loop import run as train_run
 from workflows.train.ray_adapter import DirCheckpoints
@@ -52,33 +47,18 @@ from workflows.train.ray_adapter import DirCheckpoints
 # Fixtures shared with the e2e module
 
 
-def make_fake_shard(art: Artifact, n: int, resolutions=(16, 32, 64), seed: int = 0, files: int = 2) -> int:
-    """A shard artifact in data_prep's schema from demo_data images: sample_id, caption, recaption,
-    jpg_{R} (center crop + resize), scores. Returns the row count."""
-    rows: dict[str, list] = {"sample_id": [], "caption": [], "recaption": [], "clip_score": [], "aesthetic": []}
-    rows.update({f"jpg_{r}": [] for r in resolutions})
-    for i, item in enumerate(demo_data.generate(n, seed, min_size=64, max_size=128)):
-        img = decode_rgb(item.data)
-        rows["sample_id"].append(item.sample_id)
-        rows["caption"].append(item.caption)
-        rows["recaption"].append("" if i % 3 == 0 else f"an image: {item.caption}")  # some rows have none
-        rows["clip_score"].append(0.3)
-        rows["aesthetic"].append(5.0)
-        for r in resolutions:
-            square = ImageOps.fit(img, (r, r), method=Image.Resampling.BICUBIC)
-            rows[f"jpg_{r}"].append(encode(square, "jpg", quality=95))
-    table = pa.table(rows)
-    per = -(-n // files)
-    for f in range(files):
-        art.write_parquet(f"part-{f:05d}.parquet", table.slice(f * per, per))
-    return n
+def make_fake_shard(art: Artifact, n: int, resolutions=(16, 32, 64), seed: int = 0, files: int = 2,
+                    heldout_fraction: float = 0.1) -> int:
+    """The shared fake shard (tests/fakes.py) with the demo's photos mixed in; returns the row count."""
+    return write_fake_shard(art, n, resolutions, seed, files, heldout_fraction, photos=True).num_rows
 
 
 def tiny_teacher_artifact(art: Artifact, text: bool = True, resolution: int = 16, seed: int = 0) -> EDMPrecond:
     """An exported teacher as pagoda_teacher writes it, with random (perturbed) weights."""
     torch.manual_seed(seed)
     tmeta = {"name": "tiny-clip", "pretrained": "", "tokens": 8} if text else None
-    unet = dataclasses.replace(NETS["micro"], img_resolution=resolution, text_dim=text_dims(tmeta)[0])
+    unet = dataclasses.replace(TEACHER_PRESETS["micro"], img_resolution=resolution,
+                               text_dim=clip_mod.text_dims("tiny-clip")[0] if text else 0)
     teacher = EDMPrecond(UNet(unet))
     with torch.no_grad():
         for p in teacher.parameters():
@@ -115,44 +95,116 @@ def store(tmp_path):
 
 
 def test_configs_validate_with_the_key_named():
-    assert build(TeacherConfig, {"size": "micro", "train": {"total_steps": 5}}, "stages.t").train.total_steps == 5
-    with pytest.raises(ConfigError, match=r"^stages.t.size: expected one of"):
-        build(TeacherConfig, {"size": "huge"}, "stages.t")
+    assert build(TeacherConfig, {"preset": "micro", "train": {"total_steps": 5}}, "stages.t").train.total_steps == 5
+    with pytest.raises(ConfigError, match=r"^stages.t.preset: expected one of"):
+        build(TeacherConfig, {"preset": "huge"}, "stages.t")
+    with pytest.raises(ConfigError, match=r"^stages.t.text_cpus_per_actor: must be > 0 without GPUs"):
+        build(TeacherConfig, {"text_cpus_per_actor": 0.0}, "stages.t")
     with pytest.raises(ConfigError, match=r"^stages.i.fraction: expected \(0, 1\]"):
         build(InvertConfig, {"fraction": 0.0}, "stages.i")
     with pytest.raises(ConfigError, match=r"^stages.d.omega_cond: w_dstl / omega_range need omega_cond"):
         build(DistillConfig, {"w_dstl": 1.0}, "stages.d")
     g = build(GrowConfig, {"resolution": 64, "perceptual": ["tiny"]}, "stages.g")
     assert g.w_adv == 1.0 and g.perceptual == ("tiny",) and DistillConfig().w_adv == 0.2
-    with pytest.raises(ConfigError, match=r"^stages.s.heldout_fraction"):
-        build(SampleConfig, {"heldout_fraction": 0.0}, "stages.s")
+    # The actor pools speak the shared vocabulary, with the defaults they had.
+    inv, smp = InvertConfig(), SampleConfig()
+    assert (inv.actors, inv.cpus_per_actor, inv.gpus_per_actor, inv.batch_size) == (1, 0.5, 0.0, 16)
+    assert (smp.actors, smp.cpus_per_actor, smp.gpus_per_actor, smp.batch_size) == (1, 1.0, 0.0, 64)
+    with pytest.raises(ConfigError, match=r"^stages.s.actors: the sample stage is one task"):
+        build(SampleConfig, {"actors": 2}, "stages.s")
+    # The split is the shard stage's: no PaGoDA stage has a held-out fraction of its own.
+    for cls in (TeacherConfig, InvertConfig, DistillConfig, GrowConfig, SampleConfig):
+        with pytest.raises(ConfigError, match=r"\.heldout_fraction: unknown key"):
+            build(cls, {"heldout_fraction": 0.1}, "stages.x")
+
+
+# ------------------------------------------------------------------------------------------
+# The stage table: inputs by role, growth rows, generators
+
+
+def test_stage_rows_name_their_inputs_by_role():
+    rows = {s.name: s for s in pagoda.STAGES}
+    assert rows["pagoda_teacher"].inputs == {"shard": "shard"}
+    assert rows["pagoda_invert"].inputs == {"shard": "shard", "teacher": "pagoda_teacher"}
+    assert rows["pagoda_distill"].inputs == {"pairs": "pagoda_invert", "teacher": "pagoda_teacher"}
+    assert rows["pagoda_grow_32"].inputs == {"pairs": "pagoda_invert", "generator": "pagoda_distill"}
+    assert rows["pagoda_grow_64"].inputs == {"pairs": "pagoda_invert", "generator": "pagoda_grow_32"}
+    assert pagoda.GENERATORS == {"pagoda_16": {"generator": "pagoda_distill"},
+                                 "pagoda_32": {"generator": "pagoda_grow_32"},
+                                 "pagoda_64": {"generator": "pagoda_grow_64"}}
+    assert rows["pagoda_sample"].inputs == {"shard": "shard", "pagoda_16": "pagoda_distill",
+                                            "pagoda_32": "pagoda_grow_32", "pagoda_64": "pagoda_grow_64"}
+    with pytest.raises(ValueError, match="grows 'pagoda_grow_64' \\(64 px\\) to 128 px"):
+        pagoda.generators(pagoda.family_table([*pagoda.GROWTH, pagoda.grow_stage(256, after="pagoda_grow_64")]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoConfig:
+    pass
+
+
+def test_a_third_growth_row_plans_and_is_sampled(tmp_path):
+    """Growing to 128 px is one row plus its config section: it plans (dry run, no Ray), becomes a
+    generator, and the sample stage reads it."""
+    stages = [Stage("shard", lambda inputs, cfg, out: {}, _NoConfig),
+              *pagoda.family_table([*pagoda.GROWTH, pagoda.grow_stage(128, after="pagoda_grow_64")])]
+    cfg = config_mod.load(None, ["pagoda_grow_128.resolution=128"], {s.name: s.config for s in stages})
+    steps = {st.stage.name: st for st in runner.plan(stages, cfg, Store(str(tmp_path / "root")))}
+    assert list(steps) == ["shard", "pagoda_teacher", "pagoda_invert", "pagoda_distill", "pagoda_grow_32",
+                           "pagoda_grow_64", "pagoda_grow_128", "pagoda_sample"]
+    assert all(st.action == "run" for st in steps.values())
+    grow = steps["pagoda_grow_128"].stage
+    assert grow.inputs == {"pairs": "pagoda_invert", "generator": "pagoda_grow_64"} and grow.fn is run_grow
+    assert cfg.stages["pagoda_grow_128"].resolution == 128
+    assert pagoda.generators(stages)["pagoda_128"] == {"generator": "pagoda_grow_128"}
+    assert steps["pagoda_sample"].stage.inputs["pagoda_128"] == "pagoda_grow_128"
+    # The new row's key moves the sample stage's key; the rows above it keep theirs.
+    base = {st.stage.name: st for st in runner.plan([stages[0], *pagoda.STAGES], cfg, Store(str(tmp_path / "b")))}
+    assert base["pagoda_grow_64"].key == steps["pagoda_grow_64"].key
+    assert base["pagoda_sample"].key != steps["pagoda_sample"].key
+
+
+def test_growth_reads_its_resolution_from_config_and_its_parent_from_inputs(store):
+    tart = store.artifact("pagoda_teacher", "k")
+    tiny_teacher_artifact(tart, text=False)
+    dart = store.artifact("pagoda_distill", "k")
+    tiny_generator_artifact(dart, tart, grow=0)  # a 16 px generator
+    pairs = store.artifact("pagoda_invert", "k")
+    with pytest.raises(ValueError, match="resolution: 64 is not twice the input generator's 16"):
+        run_grow({"pairs": pairs, "generator": dart}, GrowConfig(resolution=64), store.artifact("g", "k"))
 
 
 # ------------------------------------------------------------------------------------------
 # Rows and collate
 
 
-def test_select_rows_drops_heldout_picks_captions_and_decodes(store):
+def test_shard_rows_as_pagoda_reads_them(store):
+    """Training rows only (the shard's split column), the caption with its fallback, the image decoded
+    at R from the smallest stored side above it; the inversion subset by id hash."""
     art = store.artifact("shard", "k")
-    make_fake_shard(art, 30, resolutions=(16, 32), files=1)
-    table = pq.read_table(art.child("part-00000.parquet"))
+    make_fake_shard(art, 30, resolutions=(16, 32), files=1, heldout_fraction=0.3)
+    table = pq.read_table(art.child("parquet/00000.parquet"))
     batch = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in ("sample_id", "caption", "recaption",
-                                                                              "jpg_32")}
+                                                                              "split", "jpg_32")}
     held = heldout_mask(batch["sample_id"], 0.3)
     assert 0 < held.sum() < 30
-    out = select_rows(batch, heldout_fraction=0.3, caption_column="recaption", decode=("jpg_32", 16))
+    out = shard_data.select(batch, split=shard_data.TRAIN, caption_column="recaption", decode_to=("jpg_32", 16))
     assert list(out["sample_id"]) == list(batch["sample_id"][~held])
     assert out["image"].shape == (30 - held.sum(), 3, 16, 16) and out["image"].dtype == np.float32
-    assert -1 <= out["image"].min() and out["image"].max() <= 1
+    assert out["image"].min() >= -1 and out["image"].max() <= 1
     first = list(batch["sample_id"]).index(out["sample_id"][0])
     want = batch["recaption"][first] or batch["caption"][first]  # empty recaption -> original caption
     assert out["caption"][0] == want and "jpg_32" not in out
     assert np.array_equal(out["row_id"], row_ids(out["sample_id"])) and out["row_id"].dtype == np.int64
-    only_held = select_rows(batch, heldout_fraction=0.3, heldout=True)
+    only_held = shard_data.select(batch, split=shard_data.HELDOUT)
     assert set(only_held["sample_id"]) == set(batch["sample_id"][held])
-    assert image_column(["jpg_16", "jpg_64"], 32) == "jpg_64" and image_column(["webp_32", "key"], 32) == "webp_32"
+    half = shard_data.select(batch, split=shard_data.TRAIN, fraction=0.5)  # InvertConfig.fraction
+    subset = subset_mask(batch["sample_id"], 0.5)
+    assert list(half["sample_id"]) == list(batch["sample_id"][~held & subset])
+    assert shard_data.image_column(["jpg_16", "jpg_64"], 32) == "jpg_64"
+    assert shard_data.image_column(["webp_32", "key"], 32) == "webp_32"
     with pytest.raises(ValueError, match="none at or above 128"):
-        image_column(["jpg_16", "jpg_64"], 128)
+        shard_data.image_column(["jpg_16", "jpg_64"], 128)
 
 
 def test_pair_collate_flips_image_and_latent_together():
@@ -187,7 +239,7 @@ def test_inverter_round_trip_on_two_images(store):
     make_fake_shard(shard, 2, resolutions=(16, 32), files=1)
     tart = store.artifact("pagoda_teacher", "k")
     tiny_teacher_artifact(tart)
-    table = pq.read_table(shard.child("part-00000.parquet"))
+    table = pq.read_table(shard.child("parquet/00000.parquet"))
     batch = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
     report = store.artifact("pagoda_invert", "k")
     inv = Inverter(tart, points=12, carry=("jpg_32",), check=1, report=report)
@@ -204,7 +256,7 @@ def test_inverter_round_trip_on_two_images(store):
     assert not np.allclose(out["latent_flip"], out["latent"][..., ::-1])
     # Invert -> generate returns x_B for both images, also with the teacher loaded on its own.
     teacher, _ = load_teacher(tart)
-    x = torch.from_numpy(decode_images(batch["jpg_16"], 16))
+    x = torch.from_numpy(shard_data.decode(batch["jpg_16"], 16))
     cond = TextEncoder(tokens=8)(batch["caption"])
     rec = ode_sample(teacher, torch.from_numpy(out["latent"]), 12, text=cond["text"], text_mask=cond["text_mask"])
     assert (rec.clamp(-1, 1) - x).abs().mean() < 0.05
@@ -215,10 +267,28 @@ def test_generator_artifacts_load_and_init_generator_matches_growth(store):
     tiny_teacher_artifact(tart, text=False)
     gart = store.artifact("pagoda_grow_32", "k")
     gen = tiny_generator_artifact(gart, tart, grow=1)
-    loaded, meta = load_generator(gart)
+    loaded, meta = load_one_step(gart)
     z = torch.randn(2, 3, 16, 16) * 80
     assert torch.allclose(loaded(z), gen(z), atol=1e-5) and loaded(z).shape == (2, 3, 32, 32)
     assert torch.allclose(init_generator(meta)(z), gen(z), atol=1e-5)  # untrained: init == artifact
+
+
+def test_family_face_samples_one_step_from_prompts(store):
+    """load_generator -> workflows.family.Generator: text from the model's CLIP, z at the base
+    resolution from the seed, one forward pass (what evaluate sampled PaGoDA with)."""
+    tart = store.artifact("pagoda_teacher", "k")
+    tiny_teacher_artifact(tart)
+    gart = store.artifact("pagoda_grow_32", "k")
+    tiny_generator_artifact(gart, tart, grow=1)
+    face = pagoda.load_generator({"generator": gart})
+    assert (face.name, face.resolution, face.nfe) == ("pagoda_32", 32, 1)
+    prompts = ["a red circle", "a blue square", ""]
+    x = face.sample(prompts, 7)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32 and x.abs().max() <= 1
+    assert torch.equal(x, face.sample(prompts, 7)) and not torch.equal(x, face.sample(prompts, 8))
+    gen, meta = load_one_step(gart)
+    z = sample_latents((3, 3, 16, 16), generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(x, decode(gen, z, TextEncoder(**meta["text"])(prompts)), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -266,8 +336,8 @@ def _source(rows: dict[str, np.ndarray], batch: int):
 def test_teacher_and_growth_specs_train_in_the_harness(store):
     rng = np.random.default_rng(0)
     n = 16
-    tcfg = TeacherConfig(size="micro", text=False, preview_points=4)
-    unet = dataclasses.replace(NETS["micro"], img_resolution=16)
+    tcfg = TeacherConfig(preset="micro", text=False, preview_points=4)
+    unet = dataclasses.replace(TEACHER_PRESETS["micro"], img_resolution=16)
     train = TrainConfig(engine="torch", num_workers=1, batch_size=8, total_steps=4, log_every=2, ckpt_every=0)
     tart = store.artifact("pagoda_teacher", "k")
     meta = {"kind": "pagoda_teacher", "unet": dataclasses.asdict(unet), "sigma_data": 0.5, "text": None,
@@ -285,7 +355,7 @@ def test_teacher_and_growth_specs_train_in_the_harness(store):
     pairs = {"row_id": np.arange(n), "image": rng.uniform(-1, 1, (n, 3, 32, 32)).astype(np.float32),
              "latent": (80 * rng.standard_normal((n, 3, 16, 16))).astype(np.float32)}
     pairs["latent_flip"] = pairs["latent"][..., ::-1].copy()
-    spec = generator_spec(gcfg, 32, gmeta, lambda: grow_2x(load_generator(dart)[0].train(), growth_config(gcfg)),
+    spec = generator_spec(gcfg, 32, gmeta, lambda: grow_2x(load_one_step(dart)[0].train(), growth_config(gcfg)),
                           preview=pairs)
     before = load_weights(dart, "generator")
     s = train_run(spec, train, gart, checkpoints=DirCheckpoints(gart), data=_source(pairs, 8), model_config=gmeta)

@@ -7,8 +7,8 @@ import json
 
 from PIL import Image
 
+from pipeline.store import Store, write_manifest
 from workflows.report import cost_table, write_report
-from workflows.store import Store, write_manifest
 
 
 def _png(color) -> bytes:
@@ -30,7 +30,8 @@ def test_report_has_funnel_losses_grids_and_metrics(tmp_path):
     store = Store(str(tmp_path))
     arts = {}
     for name, counts in [("download", {"rows_in": 28, "rows_out": 23, "rejected": {"http_404": 1, "decode": 4}}),
-                         ("filter", {"rows_in": 23, "rows_out": 20, "rejected": 3, "rejected_by_reason": {"too_small": 3}}),
+                         ("filter", {"rows_in": 23, "rows_out": 20, "rejected": 3,
+                                     "rejected_by_reason": {"too_small": 3}}),
                          ("train_x", {"steps": 3}), ("evaluate", {})]:
         art = store.artifact(name, "k" + name)
         arts[name] = art

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from workflows.config import ConfigError, build
-from workflows.store import Store
-from workflows.train import TrainConfig, engines, load_weights, loop, synthetic
-from workflows.train.loop import OptimGroup, TrainSpec
-from workflows.train.ray_adapter import DirCheckpoints
+from pipeline.config import ConfigError, build
+from pipeline.store import Store
+from workflows.train import OptimGroup, TrainConfig, TrainSpec, engines, load_weights, loop, synthetic
+from workflows.train.checkpoint import DirCheckpoints
+from workflows.train.data import drop_consumed, rebatch, step_stream
+from workflows.train.distributed import process_group
 
 ROWS = 192  # 12 steps per epoch at global batch 16
 
@@ -52,27 +53,27 @@ def test_config_validation_and_derived_values():
 def test_rebatch_drops_consumed_ids_and_keeps_exact_sizes():
     src = [{"row_id": np.arange(i, i + 7), "x": np.arange(i, i + 7) * 10} for i in range(0, 35, 7)]
     skip = np.array([0, 3, 8, 30, 34])
-    out = list(loop._rebatch(loop._drop_ids(iter(src), skip, "row_id"), 4))
+    out = list(rebatch(drop_consumed(iter(src), skip, "row_id"), 4))
     assert all(len(b["row_id"]) == 4 for b in out)
     ids = np.concatenate([b["row_id"] for b in out])
     assert len(ids) == 28 and not np.isin(ids, skip).any()  # 30 rows left, a tail of 2 dropped
     assert (np.concatenate([b["x"] for b in out]) == ids * 10).all()  # columns stay aligned
     keys = [{"key": np.array(["a", "b", "c"], dtype=object)}]  # string ids, as Arrow hands them out
-    assert next(loop._drop_ids(keys, np.array(["b"]), "key"))["key"].tolist() == ["a", "c"]
+    assert next(drop_consumed(keys, np.array(["b"]), "key"))["key"].tolist() == ["a", "c"]
     with pytest.raises(KeyError, match="stable id column 'row_id'"):
-        list(loop._drop_ids(iter([{"x": np.zeros(3)}]), None, "row_id"))
+        list(drop_consumed(iter([{"x": np.zeros(3)}]), None, "row_id"))
 
 
 def test_step_stream_rolls_epochs_and_skips_only_the_restored_epoch():
     cfg = _cfg(batch_size=4, grad_accum=2)
     data = synthetic.numpy_source(20, 3, shuffle_seed=None)  # 2 steps of 8 rows per epoch, 4 rows left over
-    stream = loop._step_stream(data, cfg, epoch=3, skip=np.arange(8), id_col="row_id")
+    stream = step_stream(data, cfg, epoch=3, skip=np.arange(8), id_col="row_id")
     epoch, micro = next(stream)
     assert epoch == 3 and np.concatenate([m["row_id"] for m in micro]).tolist() == list(range(8, 16))
     epoch, micro = next(stream)  # 4 rows left in epoch 3: not a step, so epoch 4 starts from row 0
     assert epoch == 4 and np.concatenate([m["row_id"] for m in micro]).tolist() == list(range(8))
     with pytest.raises(RuntimeError, match="no complete step"):
-        next(loop._step_stream(synthetic.numpy_source(7, 7), cfg, 0, None, "row_id"))
+        next(step_stream(synthetic.numpy_source(7, 7), cfg, 0, None, "row_id"))
 
 
 def test_torch_engine_trains_and_exports_the_artifact(tmp_path):
@@ -89,6 +90,8 @@ def test_torch_engine_trains_and_exports_the_artifact(tmp_path):
         assert out.exists(name), name
     assert out.list(subdir="logs/tensorboard")
     assert out.read_json("train_config.json")["total_steps"] == 24
+    # 24 steps x 16 rows > one epoch: the audit of trained rows holds every row id exactly once.
+    assert out.read_json("trained_rows.json")["row_ids"] == list(range(ROWS))
     ema, raw = load_weights(out, "denoiser"), load_weights(out, "denoiser", raw=True)
     assert ema.keys() == raw.keys() and not all(torch.equal(ema[k], raw[k]) for k in ema)
     assert max(out.list(subdir="ray_train")) == "ray_train/latest.json"
@@ -172,7 +175,7 @@ def test_step_function_contract_is_checked(tmp_path):
 
 def test_deepspeed_load_from_a_wrong_directory_raises(tmp_path):
     cfg = _cfg(zero_stage=2)
-    with loop._process_group(cfg, torch.device("cpu")):
+    with process_group(cfg, torch.device("cpu")):
         box = engines.Box({"m": torch.nn.Linear(4, 4)})
         grp = engines.DeepSpeedGroup(box, cfg, OptimGroup(("m",)), on_gpu=False)
         with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint"):

@@ -1,5 +1,5 @@
-"""Würstchen stage pieces without Ray: configs, row helpers, the encoder class, official-weights loading,
-seeded sampling."""
+"""Würstchen stage pieces without Ray: configs, how the stages read the shard, the encoder class,
+official-weights loading, seeded sampling, the family face."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from safetensors.torch import save, save_file
 
 from genmodels.clip import build_clip, encode_text_tokens
 from genmodels.wuerstchen import SemanticCompressor, StageA, StageB, StageC, to_diffusers_state_dict
-from workflows import sample_wuerstchen as sw
-from workflows import wuerstchen_encode as enc
-from workflows import wuerstchen_stages as ws
-from workflows.config import ConfigError, build
-from workflows.store import Artifact, Store
+from pipeline.config import ConfigError, build
+from pipeline.store import Artifact, Store, write_manifest
+from tests.fakes import write_fake_shard
+from workflows import shard_data
+from workflows import wuerstchen as wu
+from workflows.family import Generator
+from workflows.wuerstchen import encode as enc
+from workflows.wuerstchen import models as wm
+from workflows.wuerstchen import official
+from workflows.wuerstchen import sample as sw
+from workflows.wuerstchen import stages as ws
 
 # ---------------------------------------------------------------------------------------------- configs
 
@@ -31,10 +37,12 @@ from workflows.store import Artifact, Store
     (ws.StageATrainConfig, {"preset": "huge"}, r"s\.preset: expected one of \['tiny', 'paper'\]"),
     (ws.StageCTrainConfig, {"train": {"lr": 0}}, r"s\.train\.lr: must be > 0"),
     (enc.EncodeAConfig, {"resolution": 0}, r"s\.resolution: expected a multiple of 8"),
-    (enc.EncodeAConfig, {"heldout_fraction": 1.0}, r"s\.heldout_fraction"),
+    (enc.EncodeAConfig, {"heldout_fraction": 0.1}, r"s\.heldout_fraction"),  # the shard stage decides the split
+    (ws.StageATrainConfig, {"heldout_fraction": 0.1}, r"s\.heldout_fraction"),
+    (enc.EncodeAConfig, {"actors": 0}, r"s\.actors: must be >= 1"),
     (enc.EncodeAConfig, {"text_encoder": {"name": "ViT-Nope"}}, r"s\.text_encoder\.name: unknown open_clip model"),
-    (ws.SampleConfig, {"prompts": []}, r"s\.prompts: give at least one prompt"),
-    (ws.SampleConfig, {"image_size": 40}, r"s\.image_size: expected a multiple of 16"),
+    (sw.SampleConfig, {"prompts": []}, r"s\.prompts: give at least one prompt"),
+    (sw.SampleConfig, {"image_size": 40}, r"s\.image_size: expected a multiple of 16"),
 ])
 def test_bad_configs_name_the_key(cls, data, message):
     with pytest.raises(ConfigError, match=message):
@@ -43,16 +51,28 @@ def test_bad_configs_name_the_key(cls, data, message):
 
 def test_configs_build_from_yaml_values():
     cfg = build(ws.StageBTrainConfig, {"overrides": {"c_hidden": [16, 32]}, "train": {"batch_size": 4}}, "s")
-    assert ws.model_config("stage_b", cfg.preset, cfg.overrides, c_clip=64).c_hidden == (16, 32)
+    assert wm.model_config("stage_b", cfg.preset, cfg.overrides, c_clip=64).c_hidden == (16, 32)
     assert build(enc.EncodeSemanticConfig, {}, "s").resolution == 0  # 0: take Stage B's
-    assert enc.TextEncoderConfig("ViT-bigG-14").width == 1280 and enc.TextEncoderConfig().width == 64
-    for stage in ws.STAGES:  # every stage's defaults are valid
+    assert wm.TextEncoderConfig("ViT-bigG-14").width == 1280 and wm.TextEncoderConfig().width == 64
+    for stage in wu.STAGES:  # every stage's defaults are valid
         build(stage.config, {}, stage.name)
 
 
+def test_stage_table_names_inputs_by_role():
+    inputs = {s.name: s.inputs for s in wu.STAGES}
+    assert inputs["wuerstchen_stage_b"] == {"latents": "wuerstchen_encode_a", "stage_a": "wuerstchen_stage_a"}
+    assert inputs["wuerstchen_stage_c"] == {"latents": "wuerstchen_encode_semantic"}
+    assert wu.GENERATORS == {"wuerstchen": inputs["wuerstchen_sample"]} == {
+        "wuerstchen": {"stage_a": "wuerstchen_stage_a", "stage_b": "wuerstchen_stage_b",
+                       "stage_c": "wuerstchen_stage_c"}}
+    pool = {s.name: s.resources for s in wu.STAGES}["wuerstchen_encode_a"]
+    assert pool(enc.EncodeAConfig(actors=2, cpus_per_actor=0.5)) == {"CPU": 1.0}
+    assert pool(enc.EncodeAConfig(actors=2, gpus_per_actor=1)) == {"GPU": 2.0}
+
+
 def test_paper_presets_keep_the_paper_text_widths():
-    assert ws.model_config("stage_b", "paper", c_clip=enc.TextEncoderConfig("ViT-H-14").width).c_clip == 1024
-    assert ws.model_config("stage_c", "paper", c_clip=enc.TextEncoderConfig("ViT-bigG-14").width).c_clip == 1280
+    assert wm.model_config("stage_b", "paper", c_clip=wm.TextEncoderConfig("ViT-H-14").width).c_clip == 1024
+    assert wm.model_config("stage_c", "paper", c_clip=wm.TextEncoderConfig("ViT-bigG-14").width).c_clip == 1280
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -66,32 +86,35 @@ def _jpeg(seed: int, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def test_row_ids_are_stable_and_heldout_rows_are_dropped():
+def test_training_rows_follow_the_split_column_and_carry_stable_row_ids():
     ids = np.array([f"s{i}" for i in range(200)], dtype=object)
-    a, b = enc.row_ids(ids), enc.row_ids(list(ids))
-    assert a.dtype == np.int64 and (a == b).all() and len(set(a.tolist())) == 200 and (a >= 0).all()
-    rows = enc.training_rows({"sample_id": ids, "x": np.arange(200)}, 0.2)
-    assert 120 < len(rows["x"]) < 200 and (rows["row_id"] == enc.row_ids(rows["sample_id"])).all()
+    split = np.array([shard_data.HELDOUT if i % 5 == 0 else shard_data.TRAIN for i in range(200)], dtype=object)
+    rows = shard_data.select({"sample_id": ids, shard_data.SPLIT_COLUMN: split, "x": np.arange(200)})
+    assert len(rows["x"]) == 160 and (rows["x"] % 5 != 0).all() and shard_data.SPLIT_COLUMN not in rows
+    a = rows["row_id"]
+    assert a.dtype == np.int64 and len(set(a.tolist())) == 160 and (a >= 0).all()
+    assert (shard_data.select({"sample_id": ids, shard_data.SPLIT_COLUMN: split})["row_id"] == a).all()  # stable
     assert (ids[rows["x"]] == rows["sample_id"]).all()  # columns stay aligned
 
 
 def test_image_column_is_found_or_the_error_lists_the_columns(tmp_path):
-    from tests.e2e.test_wuerstchen_stages import make_fake_shard
 
     shard = Store(str(tmp_path)).artifact("shard", "k")
-    make_fake_shard(shard, 4, resolutions=(16, 32), files=1)
-    assert enc.image_column(shard, 32, ("recaption",)) == "jpg_32"
-    with pytest.raises(ValueError, match=r"no column 'jpg_64' \(columns: sample_id, key, caption.*jpg_16, jpg_32\)"):
-        enc.image_column(shard, 64)
-    with pytest.raises(ValueError, match="no column 'nope'"):
-        enc.image_column(shard, 16, ("nope",))
-    rows = enc.head_rows(shard, ["jpg_16"], 3, heldout_fraction=0.0)
+    write_fake_shard(shard, 4, resolutions=(16, 32), files=1, recaption="copy")
+    names = shard_data.columns(shard)
+    assert shard_data.image_column(names, 32) == "jpg_32"
+    assert shard_data.image_column(names, 24) == "jpg_32"  # the smallest stored side above R, resized
+    with pytest.raises(ValueError, match=r"images at \[16, 32\], none at or above 64"):
+        shard_data.image_column(names, 64)
+    with pytest.raises(ValueError, match=r"no column 'nope' \(columns: sample_id, .*jpg_16, jpg_32\)"):
+        shard_data.read(shard, carry=["nope"])
+    rows = shard_data.head(shard, ["jpg_16"], 3, split=None)
     assert len(rows["jpg_16"]) == 3 and isinstance(rows["jpg_16"][0], bytes)
 
 
 def test_decode_images_range_shape_and_resize():
-    x = enc.decode_images([_jpeg(0, 32), _jpeg(1, 48)], 32)
-    assert x.shape == (2, 3, 32, 32) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+    x = shard_data.decode([_jpeg(0, 32), _jpeg(1, 48)], 32)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == np.float32 and x.min() >= -1 and x.max() <= 1
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -120,13 +143,13 @@ def test_encoder_class_round_trip_without_ray(tmp_path):
              "jpg_64": np.array([_jpeg(i, 64) for i in range(3)], dtype=object),
              "caption": np.array(["a red circle", "", "two shapes"], dtype=object),
              "recaption": np.array(["", "", "two shapes"], dtype=object)}  # empty: use the caption
-    e = enc.WuerstchenEncoder("jpg_64", "recaption", enc.TextEncoderConfig(), stage_a=a_art, compressor=b_art,
+    e = enc.WuerstchenEncoder("jpg_64", 64, wm.TextEncoderConfig(), "recaption", stage_a=a_art, compressor=b_art,
                               keep_image=True, device="cpu")
     out = e(batch)
     assert set(out) == {"sample_id", "row_id", "latent_a", "latent_sem", "text_tokens", "jpg_64"}
     assert out["latent_a"].shape == (3, 4, 16, 16) and out["latent_a"].dtype == np.float16
     assert out["latent_sem"].shape == (3, 16, 4, 4) and out["text_tokens"].shape == (3, 77, 64)
-    x = torch.from_numpy(enc.decode_images(batch["jpg_64"], 64))
+    x = torch.from_numpy(shard_data.decode(batch["jpg_64"], 64))
     with torch.no_grad():
         lat = stage_a.encode(x)
         torch.testing.assert_close(torch.from_numpy(out["latent_a"]).float(), lat, atol=2e-3, rtol=2e-3)
@@ -139,7 +162,7 @@ def test_encoder_class_round_trip_without_ray(tmp_path):
     torch.testing.assert_close(torch.from_numpy(out["text_tokens"]).float(), ref, atol=5e-3, rtol=5e-3)
     assert out["jpg_64"] is batch["jpg_64"]
     # Text-only use (no models): just token states.
-    plain = enc.WuerstchenEncoder("jpg_64", "caption", enc.TextEncoderConfig(), device="cpu")(batch)
+    plain = enc.WuerstchenEncoder("jpg_64", 64, wm.TextEncoderConfig(), device="cpu")(batch)
     assert set(plain) == {"sample_id", "row_id", "text_tokens"}
 
 
@@ -172,7 +195,7 @@ def test_load_official_reads_diffusers_layout(tmp_path):
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_()
-        folder = tmp_path / sw.OFFICIAL_SUBDIR[kind]
+        folder = tmp_path / official.OFFICIAL_SUBDIR[kind]
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"_class_name": "x", **_diffusers_config(kind, m)}))
         theirs = {k: v.contiguous() for k, v in to_diffusers_state_dict(kind, m.state_dict()).items()}
@@ -191,36 +214,36 @@ def test_load_official_reads_diffusers_layout(tmp_path):
             fp16 = {k: v.half() for k, v in theirs.items()}  # a variant file that must not be picked
             save_file(fp16, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
     for kind, m in nets.items():
-        loaded = sw.load_official(str(tmp_path), kind)
+        loaded = official.load_official(str(tmp_path), kind)
         assert loaded.cfg == m.cfg, kind
         ref = m.state_dict()
         for k, v in loaded.state_dict().items():
             assert torch.equal(v, ref[k]), (kind, k)
     # The component folder itself works too.
-    assert sw.load_official(str(tmp_path / "prior"), "stage_c").cfg == nets["stage_c"].cfg
+    assert official.load_official(str(tmp_path / "prior"), "stage_c").cfg == nets["stage_c"].cfg
     with pytest.raises(FileNotFoundError):
-        sw.load_official(str(tmp_path / "nothing"), "stage_c")
+        official.load_official(str(tmp_path / "nothing"), "stage_c")
 
 
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _tiny_set() -> sw.ModelSet:
+def _tiny_set() -> wm.ModelSet:
     torch.manual_seed(0)
-    w = enc.TextEncoderConfig().width
-    b = StageB(ws.model_config("stage_b", "tiny", c_clip=w)).eval()
-    c = StageC(ws.model_config("stage_c", "tiny", c_clip=w)).eval()
+    w = wm.TextEncoderConfig().width
+    b = StageB(wm.model_config("stage_b", "tiny", c_clip=w)).eval()
+    c = StageC(wm.model_config("stage_c", "tiny", c_clip=w)).eval()
     with torch.no_grad():  # untrained heads are zero: make the output depend on the noise
         b.head[1].weight.normal_(std=0.1)
         c.proj_out.weight.normal_(std=0.1)
-    comp = dataclasses.asdict(ws.model_config("compressor", "tiny"))
-    return sw.ModelSet(stage_a=StageA().eval(), stage_b=b, stage_c=c, text_c=enc.TextEncoderConfig(),
-                       text_b=enc.TextEncoderConfig(), compressor=comp, image_size=32)
+    comp = dataclasses.asdict(wm.model_config("compressor", "tiny"))
+    return wm.ModelSet(stage_a=StageA().eval(), stage_b=b, stage_c=c, text_c=wm.TextEncoderConfig(),
+                       text_b=wm.TextEncoderConfig(), compressor=comp, image_size=32)
 
 
 def test_generate_is_seeded_and_writes_the_sample_artifact(tmp_path):
     ms = _tiny_set()
-    cfg = ws.SampleConfig(prompts=["a red circle", "a blue square"], n_per_prompt=2, steps_c=5, steps_b=3, seed=7)
+    cfg = sw.SampleConfig(prompts=["a red circle", "a blue square"], n_per_prompt=2, steps_c=5, steps_b=3, seed=7)
     x1, times = sw.generate(ms, cfg)
     x2, _ = sw.generate(ms, cfg)
     x3, _ = sw.generate(ms, dataclasses.replace(cfg, seed=8))
@@ -239,3 +262,54 @@ def test_generate_is_seeded_and_writes_the_sample_artifact(tmp_path):
         assert im.size == (32, 32)
     assert out.read_json("prompts.json")[3] == {"file": "samples/001_01.png", "prompt": "a blue square",
                                                 "prompt_index": 1, "sample": 1, "seed": 8}
+
+
+# ---------------------------------------------------------------------------------------------- the family face
+
+
+def _trained_set(store: Store) -> dict[str, Artifact]:
+    """Stage A, B (+ compressor) and C training artifacts of the tiny set, as the stages export them."""
+    ms = _tiny_set()
+    text = dataclasses.asdict(wm.TextEncoderConfig())
+    comp = SemanticCompressor(wm.model_config("compressor", "tiny")).eval()
+    return {"stage_a": fake_trained(store.artifact("wuerstchen_stage_a", "ka"), {"stage_a": ms.stage_a}),
+            "stage_b": fake_trained(store.artifact("wuerstchen_stage_b", "kb"), {"stage_b": ms.stage_b,
+                                    "compressor": comp}, resolution=32, text_encoder=text),
+            "stage_c": fake_trained(store.artifact("wuerstchen_stage_c", "kc"), {"stage_c": ms.stage_c},
+                                    resolution=32, text_encoder=text)}
+
+
+def test_load_generator_samples_as_evaluate_did(tmp_path):
+    arts = _trained_set(Store(str(tmp_path)))
+    g = wu.load_generator(arts)
+    assert isinstance(g, Generator) and g.name == "wuerstchen" and g.resolution == 32
+    assert g.nfe == 29 + 12 + 1  # Stage C steps + Stage B steps + one Stage A decode
+    prompts = ["a red circle", "a blue square"]
+    x = g.sample(prompts, 5)
+    assert x.shape == (2, 3, 32, 32) and x.device.type == "cpu" and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, g.sample(prompts, 5)) and not torch.equal(x, g.sample(prompts, 6))
+    ms = wm.load_trained_set(arts["stage_a"], arts["stage_b"], arts["stage_c"])
+    ref, _ = sw.generate(ms, sw.SampleConfig(prompts=prompts, n_per_prompt=1, seed=5, device="cpu"), prompts)
+    assert torch.equal(x, ref)
+
+
+def test_sample_walks_manifests_by_role(tmp_path):
+    store = Store(str(tmp_path))
+    arts = _trained_set(store)
+    sem = store.artifact("wuerstchen_encode_semantic", "ks")
+
+    def done(art: Artifact, **inputs: Artifact) -> None:  # as the runner writes it: {role: key}, {role: stage}
+        write_manifest(art, {"inputs": {r: a.uri.rsplit("/", 1)[1] for r, a in inputs.items()},
+                             "upstream": {r: a.uri.rsplit("/", 2)[1] for r, a in inputs.items()}})
+
+    done(arts["stage_a"])
+    done(arts["stage_b"], stage_a=arts["stage_a"])
+    done(sem, stage_b=arts["stage_b"])
+    done(arts["stage_c"], latents=sem)
+    sample = store.artifact("wuerstchen_sample", "kx")
+    done(sample, **arts)
+    want = tuple(arts[r].uri for r in ("stage_a", "stage_b", "stage_c"))
+    assert tuple(a.uri for a in sw.from_sample_artifact(sample.uri)) == want
+    assert tuple(a.uri for a in sw.latest_under_root(str(tmp_path))) == want
+    with pytest.raises(ValueError, match="no finished wuerstchen_stage_c"):
+        sw.latest_under_root(str(tmp_path / "empty"))

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from workflows.config import check
+from pipeline.config import check
 
 
 @dataclass(frozen=True)

@@ -3,26 +3,17 @@ save, load) for DeepSpeed and for plain PyTorch, so the loop never special-cases
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from workflows.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from workflows.train.loop import OptimGroup
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from workflows.train.distributed import import_deepspeed, rank_world
+from workflows.train.spec import Group, OptimGroup
 
 
 class Box(nn.ModuleDict):
@@ -50,18 +41,6 @@ def _optimizer(box: nn.Module, cfg: TrainConfig, og: OptimGroup) -> torch.optim.
 
 def _schedule(cfg: TrainConfig) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_factor(s))
-
-
-class Group:
-    box: Box
-    norm: Tensor | float | None = None
-    calls = 0  # backward_step calls in the current step
-    want_norm = False  # measure the grad norm this step (log steps only)
-
-    def backward_step(self, loss: Tensor) -> None: ...
-    def lr(self) -> float: ...
-    def save(self, path: str, rank: int) -> None: ...
-    def load(self, path: str) -> None: ...
 
 
 class TorchGroup(Group):
@@ -111,16 +90,6 @@ class TorchGroup(Group):
         self.micro = state["micro"]
 
 
-def import_deepspeed():
-    import deepspeed
-
-    # The CPU accelerator compiles a shared-memory comm op on every initialize (about a
-    # minute, cold) that training does not use. Patch the module DeepSpeed itself imports.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return deepspeed
-
-
 def ds_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed config of one engine. Precision is torch.autocast around the step (fp32 master
     weights, identical in both engines), so no fp16/bf16 section."""
@@ -159,7 +128,8 @@ class DeepSpeedGroup(Group):
             # ZeRO 1-3 report the norm they clip with; stage 0 does not, so measure it (grads are
             # already averaged across workers here).
             grads = [p.grad for p in self.box.parameters() if p.grad is not None]
-            self.norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+            norms = [torch.linalg.vector_norm(g) for g in grads]
+            self.norm = torch.linalg.vector_norm(torch.stack(norms)) if grads else None
         self.engine.step()
         if boundary and self.cfg.zero_stage > 0:
             self.norm = self.engine.get_global_grad_norm()

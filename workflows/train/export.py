@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from workflows.store import Artifact, is_local
+from pipeline.store import Artifact, is_local
 
 log = logging.getLogger("genmodels.train")
 

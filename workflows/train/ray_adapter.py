@@ -11,44 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from workflows.store import Artifact
+import torch
+import torch.distributed as dist
+
+from pipeline.store import Artifact
 from workflows.train import loop
+from workflows.train.checkpoint import DirCheckpoints
 from workflows.train.config import TrainConfig
-from workflows.train.loop import TrainSpec
+from workflows.train.data import drop_ids
+from workflows.train.spec import TrainSpec
 
 log = logging.getLogger("genmodels.train")
 
 RUN_NAME = "ray_train"  # {out}/ray_train/: Ray Train's run directory inside the artifact
-
-
-class DirCheckpoints:
-    """Checkpoints as ``{out}/{prefix}/checkpoint_{step:08d}/`` plus a ``latest.json`` pointer:
-    the store of local mode (num_workers=0) and of unit tests. No Ray needed."""
-
-    def __init__(self, out: Artifact, keep: int = 2, prefix: str = "ray_train"):
-        self.out, self.keep, self.prefix = out, keep, prefix
-
-    @contextlib.contextmanager
-    def restore(self) -> Iterator[str | None]:
-        pointer = f"{self.prefix}/latest.json"
-        if not self.out.exists(pointer):
-            yield None
-            return
-        name = f"{self.prefix}/{self.out.read_json(pointer)['checkpoint']}"
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            yield self.out.download_dir(name, tmp)
-
-    def save(self, local_dir: str, step: int, metrics: dict[str, Any]) -> None:
-        name = f"checkpoint_{step:08d}"
-        self.out.upload_dir(local_dir, prefix=f"{self.prefix}/{name}")
-        self.out.write_json(f"{self.prefix}/latest.json", {"checkpoint": name, "step": step, "metrics": metrics})
-        done = sorted({n.split("/")[1] for n in self.out.list(subdir=self.prefix) if n.count("/") >= 2})
-        for old in [d for d in done if d.startswith("checkpoint_") and d < name][: max(len(done) - self.keep, 0)]:
-            self.out.fs.delete_dir(self.out.child(f"{self.prefix}/{old}"))
 
 
 class RayCheckpoints:
@@ -80,11 +58,9 @@ def _remaining(ds: Any, skip: Any, id_col: str, rank: int, world: int) -> Any:
     rank 0 splits the remainder once and hands the iterators out (a collective).
     """
     ds = ds() if callable(ds) else ds  # Ray Train accepts dataset factories too
-    rest = ds.map_batches(loop.drop_ids, fn_kwargs={"skip": skip, "id_col": id_col}, batch_format="numpy")
+    rest = ds.map_batches(drop_ids, fn_kwargs={"skip": skip, "id_col": id_col}, batch_format="numpy")
     if world == 1:
         return rest
-    import torch.distributed as dist
-
     box = [rest.streaming_split(world, equal=True) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0][rank]
@@ -111,15 +87,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        "local_shuffle_seed": cfg.seed + 1000 * epoch + rank}
         return source.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", **shuffle)
 
-    import torch
-
     if cfg.use_gpu and not local:
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cuda", 0) if cfg.use_gpu else torch.device("cpu")
-    return loop.run(spec, cfg, out, checkpoints=DirCheckpoints(out, cfg.ckpt_keep, RUN_NAME) if local else RayCheckpoints(),
-                    data=data if train is not None else None, extra_data=shards,
-                    model_config=config["model_config"], device=device)
+    checkpoints = DirCheckpoints(out, cfg.ckpt_keep, RUN_NAME) if local else RayCheckpoints()
+    return loop.run(spec, cfg, out, checkpoints=checkpoints, data=data if train is not None else None,
+                    extra_data=shards, model_config=config["model_config"], device=device)
 
 
 def train_resources(stage_cfg: Any) -> dict[str, float]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workflows.train.config import TrainConfig
-from workflows.train.loop import OptimGroup, TrainContext, TrainSpec
+from workflows.train.spec import OptimGroup, TrainContext, TrainSpec
 
 SIGMA = 0.5  # noise level of the denoising task
 

@@ -210,6 +210,7 @@ class Store:
 def write_manifest(art: Artifact, manifest: dict[str, Any]) -> None:
     """The completion marker: called only after every data file of the stage is written."""
     files, nbytes = art.sizes()
-    manifest = {**manifest, "files": files, "bytes": nbytes, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest = {**manifest, "files": files, "bytes": nbytes, "created_at": created}
     art.write_json(MANIFEST, manifest)
     art.manifest = manifest

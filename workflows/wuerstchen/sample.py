@@ -4,18 +4,18 @@ Which models, in order of precedence:
 
     # the newest trained set under a pipeline root: the latest wuerstchen_stage_c manifest, and
     # the stage_b / stage_a artifacts its manifest chain names (so the three always belong together)
-    python workflows/sample_wuerstchen.py --root runs/demo --prompt "a red circle" --out grid.png
+    python -m workflows.wuerstchen.sample --root runs/demo --prompt "a red circle" --out grid.png
 
     # the set a wuerstchen_sample artifact was made from
-    python workflows/sample_wuerstchen.py --sample-artifact runs/demo/wuerstchen_sample/<key> \
+    python -m workflows.wuerstchen.sample --sample-artifact runs/demo/wuerstchen_sample/<key> \
         --prompt ... --out grid.png
 
     # three training artifacts explicitly (local paths or s3:// URIs)
-    python workflows/sample_wuerstchen.py --stage-a A --stage-b B --stage-c C --prompt ... --out grid.png
+    python -m workflows.wuerstchen.sample --stage-a A --stage-b B --stage-c C --prompt ... --out grid.png
 
     # the public v2 weights in diffusers layout (DIR/prior, DIR/decoder, DIR/vqgan); text encoders
     # are open_clip ViT-bigG-14 (C) and ViT-H-14 (B) with their LAION tags (downloaded on a cluster)
-    python workflows/sample_wuerstchen.py --official DIR --prompt ... --size 1024 --out grid.png
+    python -m workflows.wuerstchen.sample --official DIR --prompt ... --size 1024 --out grid.png
 
 ``--out X.png`` writes the grid only; ``--out DIR`` (local or s3://) writes grid.png,
 samples/NNN_MM.png and prompts.json, exactly like the ``wuerstchen_sample`` stage. All prompts
@@ -27,179 +27,88 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import posixpath
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import pyarrow.fs as pafs
 import torch
-from torch import nn
 
-from genmodels.clip import encode_text_tokens
-from genmodels.wuerstchen import (
-    COMPRESSOR_PRESETS,
-    map_diffusers_state_dict,
-    sample_stage_b,
-    sample_stage_c,
-)
-from workflows.store import Artifact, filesystem, open_artifact
+from genmodels.wuerstchen import sample_stage_b, sample_stage_c
+from pipeline.store import Artifact, filesystem, open_artifact
+from workflows.family import Generator
 from workflows.train.export import png_grid, png_image
-from workflows.wuerstchen_encode import TextEncoderConfig
-from workflows.wuerstchen_stages import (
-    SampleConfig,
-    build_module,
-    load_trained,
-    model_config,
-    sem_latent_size,
-    stage_c_steps,
-)
+from workflows.wuerstchen.models import ModelSet, TextEncoderConfig, load_trained_set, stage_c_steps
+from workflows.wuerstchen.official import load_official_set
 
-OFFICIAL_SUBDIR = {"stage_c": "prior", "stage_b": "decoder", "stage_a": "vqgan"}
-OFFICIAL_TEXT = {"stage_c": TextEncoderConfig("ViT-bigG-14", "laion2b_s39b_b160k"),
-                 "stage_b": TextEncoderConfig("ViT-H-14", "laion2b_s32b_b79k")}
+ROLES = ("stage_a", "stage_b", "stage_c")  # the sample stage's inputs, and a generator's artifacts
 
 
-@dataclass
-class ModelSet:
-    stage_a: nn.Module
-    stage_b: nn.Module
-    stage_c: nn.Module
-    text_c: TextEncoderConfig
-    text_b: TextEncoderConfig
-    compressor: dict[str, Any]  # its config: fixes the semantic latent size for an image size
-    image_size: int  # the resolution it was trained at
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red circle on a white background", "a blue square on a light green background",
+        "a yellow star and a black triangle on a beige background", "a portrait of a smiling astronaut"])
+    n_per_prompt: int = 4
+    seed: int = 0
+    steps_c: int = 29  # 29: the paper's schedule; any other count: linear in t
+    steps_b: int = 12
+    guidance_c: float = 4.0
+    guidance_b: float = 0.0
+    image_size: int = 0  # 0: the resolution Stage B was trained at
+    device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu (fp32)
 
-    def to(self, device: torch.device) -> ModelSet:
-        for m in (self.stage_a, self.stage_b, self.stage_c):
-            m.to(device)
-        return self
-
-    def sem_size(self, image_size: int) -> tuple[int, int]:
-        return sem_latent_size(self.compressor, image_size)
+    def validate(self) -> None:
+        if not self.prompts:
+            raise ValueError("prompts: give at least one prompt")
+        for key in ("n_per_prompt", "steps_c", "steps_b"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1")
+        if self.image_size and self.image_size % 16:
+            raise ValueError(f"image_size: expected a multiple of 16, got {self.image_size}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading
+# Which trained set: walk manifests by role (inputs: {role: key}, upstream: {role: stage name})
 
 
-def load_trained_set(a: Artifact, b: Artifact, c: Artifact) -> ModelSet:
-    mb, mc = b.read_json("model_config.json"), c.read_json("model_config.json")
-    return ModelSet(stage_a=load_trained(a, "stage_a"), stage_b=load_trained(b, "stage_b", meta=mb),
-                    stage_c=load_trained(c, "stage_c", meta=mc), text_c=TextEncoderConfig(**mc["text_encoder"]),
-                    text_b=TextEncoderConfig(**mb["text_encoder"]), compressor=mb["modules"]["compressor"],
-                    image_size=int(mb["resolution"]))
-
-
-def _sibling(art: Artifact, stage: str, key: str) -> Artifact:
-    """``{root}/{stage}/{key}`` next to ``art`` (= ``{root}/{its stage}/{its key}``)."""
+def _upstream(art: Artifact, role: str) -> Artifact:
+    """The artifact ``art`` read as ``role``: ``{root}/{upstream stage}/{key}`` next to ``art``."""
+    m = art.manifest
+    if not m or role not in m.get("inputs", {}) or role not in m.get("upstream", {}):
+        raise ValueError(f"{art.uri}: its manifest names no input {role!r} (not finished, or written by "
+                         "an older runner: rerun the stage)")
     root = art.uri.rsplit("/", 2)[0]
-    return open_artifact(f"{root}/{stage}/{key}")
+    return open_artifact(f"{root}/{m['upstream'][role]}/{m['inputs'][role]}")
 
 
 def from_sample_artifact(uri: str) -> tuple[Artifact, Artifact, Artifact]:
+    """The (A, B, C) training artifacts a finished sample artifact was made from."""
     s = open_artifact(uri)
     if not s.manifest:
         raise ValueError(f"{uri}: no manifest.json (not a finished wuerstchen_sample artifact)")
-    keys = s.manifest["inputs"]
-    return tuple(_sibling(s, k, keys[k]) for k in ("wuerstchen_stage_a", "wuerstchen_stage_b", "wuerstchen_stage_c"))
-
-
-def latest_under_root(root: str) -> tuple[Artifact, Artifact, Artifact]:
-    """The newest finished Stage C under a pipeline root and the B and A its manifest chain names."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(root)
-    base = posixpath.join(path, "wuerstchen_stage_c")
-    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    root_uri = root.rstrip("/") if "://" in root else path
-    cands = [open_artifact(f"{root_uri}/wuerstchen_stage_c/{posixpath.basename(i.path)}") for i in infos
-             if i.type == pafs.FileType.Directory]
-    cands = [c for c in cands if c.manifest]
-    if not cands:
-        raise ValueError(f"{root}: no finished wuerstchen_stage_c artifact")
-    c = max(cands, key=lambda x: x.manifest.get("created_at", ""))
-    sem = _sibling(c, "wuerstchen_encode_semantic", c.manifest["inputs"]["wuerstchen_encode_semantic"])
-    b = _sibling(c, "wuerstchen_stage_b", sem.manifest["inputs"]["wuerstchen_stage_b"])
-    a = _sibling(c, "wuerstchen_stage_a", b.manifest["inputs"]["wuerstchen_stage_a"])
+    a, b, c = (_upstream(s, role) for role in ROLES)
     return a, b, c
 
 
-def _read_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """diffusers weights in a folder: an index of shards, one file, or .bin; non-variant preferred."""
-    from safetensors.torch import load_file
-
-    files = sorted(os.listdir(folder))
-    for ext, loader in ((".safetensors", load_file),
-                        (".bin", lambda f: torch.load(f, map_location="cpu", weights_only=True))):
-        index = [f for f in files if f.endswith(f"{ext}.index.json")]
-        if index:
-            with open(os.path.join(folder, index[0])) as fh:
-                shards = sorted(set(json.load(fh)["weight_map"].values()))
-        else:
-            shards = [f for f in files if f.endswith(ext)]
-            plain = [f for f in shards if f == f"diffusion_pytorch_model{ext}"]
-            shards = plain or shards[:1]
-        if shards:
-            sd: dict[str, torch.Tensor] = {}
-            for f in shards:
-                sd.update(loader(os.path.join(folder, f)))
-            return sd
-    raise FileNotFoundError(f"{folder}: no *.safetensors or *.bin weights")
-
-
-def official_config(kind: str, cfg: dict[str, Any]):
-    """diffusers config.json (WuerstchenPrior / WuerstchenDiffNeXt / PaellaVQModel) → our config."""
-    g = cfg.get
-    if kind == "stage_c":
-        return model_config("stage_c", "paper", {"c_in": g("c_in", 16), "c": g("c", 1536), "c_clip": g("c_cond", 1280),
-                                                 "c_r": g("c_r", 64), "depth": g("depth", 32), "nhead": g("nhead", 24),
-                                                 "dropout": g("dropout", 0.1)})
-    if kind == "stage_b":
-        drop = g("dropout", 0.1)
-        return model_config("stage_b", "paper", {k: v for k, v in {
-            "c_in": g("c_in"), "c_r": g("c_r"), "patch_size": g("patch_size"), "c_cond": g("c_cond"),
-            "c_hidden": g("c_hidden"), "nhead": [max(h, 0) for h in g("nhead")] if g("nhead") else None,
-            "blocks": g("blocks"), "level_config": g("level_config"), "inject_sem": g("inject_effnet"),
-            "c_sem": g("effnet_embd"), "c_clip": g("clip_embd"), "kernel_size": g("kernel_size"),
-            "dropout": drop[0] if isinstance(drop, list) else drop}.items() if v is not None})
-    if kind == "stage_a":
-        if g("up_down_scale_factor", 2) != 2:
-            raise ValueError("stage_a: only up_down_scale_factor=2 (f4) is supported")
-        return model_config("stage_a", "paper", {k: v for k, v in {
-            "c_in": g("in_channels"), "levels": g("levels"), "bottleneck_blocks": g("bottleneck_blocks"),
-            "c_hidden": g("embed_dim"), "c_latent": g("latent_channels"), "codebook_size": g("num_vq_embeddings"),
-            "scale_factor": g("scale_factor")}.items() if v is not None})
-    raise ValueError(f"unknown kind {kind!r}; expected stage_a, stage_b or stage_c")
-
-
-def load_official(directory: str, kind: str) -> nn.Module:
-    """One public v2 network from a local diffusers-layout directory (the pipeline root or the
-    component's own folder: config.json + diffusion_pytorch_model*.safetensors|.bin)."""
-    folder = os.path.join(directory, OFFICIAL_SUBDIR[kind]) if kind in OFFICIAL_SUBDIR else directory
-    if not os.path.isdir(folder):
-        folder = directory
-    cfg_path = os.path.join(folder, "config.json")
-    cfg = {}
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    module = build_module(kind, official_config(kind, cfg))
-    module.load_state_dict(map_diffusers_state_dict(kind, _read_state_dict(folder)), strict=True)
-    return module.eval().requires_grad_(False)
-
-
-def load_official_set(directory: str, clip_c: str = "", clip_b: str = "") -> ModelSet:
-    text_c = dataclasses.replace(OFFICIAL_TEXT["stage_c"], **({"pretrained": clip_c} if clip_c else {}))
-    text_b = dataclasses.replace(OFFICIAL_TEXT["stage_b"], **({"pretrained": clip_b} if clip_b else {}))
-    return ModelSet(stage_a=load_official(directory, "stage_a"), stage_b=load_official(directory, "stage_b"),
-                    stage_c=load_official(directory, "stage_c"), text_c=text_c, text_b=text_b,
-                    compressor=dataclasses.asdict(COMPRESSOR_PRESETS["paper"]), image_size=1024)
+def latest_under_root(root: str, stage_c: str = "wuerstchen_stage_c") -> tuple[Artifact, Artifact, Artifact]:
+    """The newest finished Stage C under a pipeline root and the B and A its manifest chain names:
+    C's ``latents`` came from the compressor of its encode stage's ``stage_b``, and that Stage B
+    names its ``stage_a``."""
+    fs, path = filesystem(root)
+    infos = fs.get_file_info(pafs.FileSelector(posixpath.join(path, stage_c), allow_not_found=True))
+    root_uri = root.rstrip("/") if "://" in root else path
+    cands = [open_artifact(f"{root_uri}/{stage_c}/{posixpath.basename(i.path)}") for i in infos
+             if i.type == pafs.FileType.Directory]
+    cands = [c for c in cands if c.manifest]
+    if not cands:
+        raise ValueError(f"{root}: no finished {stage_c} artifact")
+    c = max(cands, key=lambda x: x.manifest.get("created_at", ""))
+    b = _upstream(_upstream(c, "latents"), "stage_b")
+    return _upstream(b, "stage_a"), b, c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +126,9 @@ def text_states(text: TextEncoderConfig, prompts: list[str], device: torch.devic
     """(prompt token states (P, L, w), empty-caption states (1, L, w)), as the encode stages make them.
 
     One prompt at a time, so an image depends on its prompt and seed only, not on its batch."""
-    model, _, tokenizer = text.build()
-    model.to(device)
-    states = torch.cat([encode_text_tokens(model, tokenizer([p]).to(device)).float() for p in [*prompts, ""]])
-    del model
+    encoder = text.build().to(device)
+    states = torch.cat([encoder([p])["text"] for p in [*prompts, ""]])
+    del encoder
     return states[:-1], states[-1:]
 
 
@@ -275,11 +183,28 @@ def write_outputs(out: Artifact, images: torch.Tensor, prompts: list[str], cfg: 
     return {"images": len(records), "prompts": len(prompts), "image_size": int(images.shape[-1])}
 
 
-def run_stage(inputs: dict[str, Artifact], cfg: SampleConfig, out: Artifact) -> dict[str, Any]:
-    ms = load_trained_set(inputs["wuerstchen_stage_a"], inputs["wuerstchen_stage_b"], inputs["wuerstchen_stage_c"])
+def sample(inputs: dict[str, Artifact], cfg: SampleConfig, out: Artifact) -> dict[str, Any]:
+    """The sample stage: prompts → C → B → A: grid.png, samples/*.png, prompts.json."""
+    ms = load_trained_set(*(inputs[role] for role in ROLES))
     images, times = generate(ms, cfg)
     counts = write_outputs(out, images, list(cfg.prompts), cfg)
     return counts | {f"seconds_{k}": round(v, 3) for k, v in times.items()} | {"device": str(device_for(cfg.device))}
+
+
+def load_generator(artifacts: dict[str, Artifact], name: str = "wuerstchen") -> Generator:
+    """The family face (``workflows.family``): one image per prompt on the CPU with the default
+    sampler settings (29 Stage C steps at CFG 4, 12 Stage B steps), prompt i seeded ``seed + i``."""
+    ms = load_trained_set(*(artifacts[role] for role in ROLES))
+    base = SampleConfig(n_per_prompt=1, device="cpu")
+
+    def draw(prompts: list[str], seed: int) -> torch.Tensor:
+        prompts = list(prompts)
+        return generate(ms, dataclasses.replace(base, prompts=prompts, seed=seed), prompts)[0]
+
+    # Network evaluations per image: one per Stage C step (CFG's conditional and unconditional
+    # halves run as one batched call), one per Stage B step, one Stage A decode; text encoding
+    # is not counted.
+    return Generator(name, ms.image_size, draw, nfe=base.steps_c + base.steps_b + 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,11 @@
-"""PaGoDA pipeline stages (arXiv 2405.14822): a low-resolution teacher, its PF-ODE inversion, a
-one-step generator distilled from the pairs, then grown 2x at a time. The teacher never runs above
-the base resolution B; every later stage reuses the same base latents.
+"""PaGoDA's training stages (arXiv 2405.14822): the low-resolution teacher (Sec. 3.1), the one-step
+generator distilled from the inversion pairs (Sec. 3.2) and each 2x growth of it (Sec. 3.3). The
+teacher never runs above the base resolution B; every later stage reuses the same base latents.
 
-    pagoda_teacher   shard                   EDM teacher on x_B, text (CLIP tokens) or unconditional  (Sec. 3.1)
-    pagoda_invert    shard, pagoda_teacher   z = inv(x_B) and inv(flip(x_B)) per sample id (Sec. 3.2; pagoda_invert.py)
-    pagoda_distill   pagoda_invert, teacher  G = teacher copy; L_rec + w_adv*lambda*L_adv; G/D alternate (Sec. 3.2)
-    pagoda_grow_R    pagoda_invert, G_{R/2}  one new 2x decoder level trained on jpg_R with the base z (Sec. 3.3)
-    pagoda_sample    shard, all G stages     one-step grids per resolution + SWD vs. G at init (pagoda_control.py)
-
-Networks and losses are genmodels.pagoda (pure PyTorch); each training stage is a TrainSpec run by
-workflows.train.fit (Ray Train + DeepSpeed) on a Ray Dataset. Weights are read back from the
-exported EMA safetensors together with ``model_config.json``, which says how to rebuild the network.
+Networks and losses are genmodels.pagoda (pure PyTorch); each stage is a TrainSpec run by
+workflows.train.fit (Ray Train + DeepSpeed) on a Ray Dataset. Inputs are named by role
+(``shard``, ``pairs``, ``teacher``, ``generator``); the table in ``workflows/pagoda/__init__.py``
+wires them.
 """
 
 from __future__ import annotations
@@ -45,28 +40,15 @@ from genmodels.pagoda import (
     ode_sample,
     teacher_loss,
 )
-from genmodels.pagoda.unet import PRESETS as NET_PRESETS
-from workflows.config import check
-from workflows.pagoda_invert import (
-    TextColumns,
-    load_teacher,
-    read_pairs,
-    read_rows,
-    text_dims,
-    unet_from_dict,
-)
-from workflows.store import Artifact, open_artifact
-from workflows.train import OptimGroup, TrainConfig, TrainContext, TrainSpec, fit, load_weights
+from pipeline.config import check
+from pipeline.stage import ActorPoolConfig, actor_resources
+from pipeline.store import Artifact, open_artifact
+from workflows import shard_data
+from workflows.pagoda.invert import read_pairs
+from workflows.pagoda.models import TEACHER_PRESETS, ClipImage, load_one_step, load_teacher, unet_from_dict
+from workflows.train import OptimGroup, TrainConfig, TrainContext, TrainSpec, fit
 from workflows.train.loop import default_collate
 
-# Teacher sizes; the stage sets img_resolution and text_dim. "micro" (the CI demo) is "tiny" at half
-# the width and without attention, 4x cheaper per evaluation for the 78-evaluation inversion on a
-# 2-core CPU; text then conditions through the pooled embedding added to the time embedding.
-NETS = {
-    "micro": dataclasses.replace(NET_PRESETS["tiny"], num_classes=0, model_channels=16, attn_resolutions=()),
-    "tiny": dataclasses.replace(NET_PRESETS["tiny"], num_classes=0),
-    "paper": dataclasses.replace(NET_PRESETS["paper64"], num_classes=0),  # EDM's ADM (Sec. 5, App. D)
-}
 # Layers of the frozen feature nets for L_rec (the reference code: DeiT-B + EfficientNet-lite0).
 FEATURE_LAYERS = {"tf_efficientnet_lite0": (1, 2, 3, 4), "deit_base_distilled_patch16_224": (2, 5, 8, 11)}
 LOG_NAMES = {"l_rec": "loss_rec", "l_adv": "loss_adv", "l_rec_adv": "loss_rec_adv", "l_dstl": "loss_dstl",
@@ -85,28 +67,36 @@ def _train(**kw) -> Callable[[], TrainConfig]:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    size: str = "tiny"  # NETS key: micro | tiny | paper
+    preset: str = "tiny"  # TEACHER_PRESETS key: micro | tiny | paper
     resolution: int = 16  # base resolution B (the paper: 64)
     text: bool = True  # condition on CLIP token states of the caption; False: unconditional
     clip: str = clip_mod.TINY  # open_clip model name (ViT-L-14 for a real run)
     clip_pretrained: str = ""  # open_clip tag or checkpoint path; "" = random weights (tiny only)
     text_tokens: int = 32  # token states kept per caption
     caption_column: str = "recaption"  # falls back to `caption` where empty
-    heldout_fraction: float = 0.1
     cond_drop: float = 0.1  # condition dropout for CFG (Sec. 4.2)
     preview_points: int = 18  # Heun grid of the preview samples
-    text_num_cpus: float = 0.25  # the Ray Data actor that encodes captions once per row
-    text_num_gpus: float = 0.0
-    materialize: bool = False  # keep decoded, encoded rows in Ray's object store across epochs (small data)
+    text_cpus_per_actor: float = 0.25  # the Ray Data actor that encodes captions once per row
+    text_gpus_per_actor: float = 0.0
+    in_memory: bool = False  # keep decoded, encoded rows in Ray's object store across epochs (small data)
     train: TrainConfig = field(default_factory=_train(lr=2e-4, total_steps=400))
 
     def validate(self) -> None:
-        check([("size", self.size in NETS, f"expected one of {sorted(NETS)}, got {self.size!r}"),
-                ("resolution", self.resolution >= 8 and self.resolution % 4 == 0, "must be a multiple of 4, >= 8"),
-                ("text_tokens", 1 <= self.text_tokens <= 77, "expected 1-77"),
-                ("heldout_fraction", 0 <= self.heldout_fraction < 1, "expected [0, 1)"),
-                ("cond_drop", 0 <= self.cond_drop < 1, "expected [0, 1)"),
-                ("preview_points", self.preview_points >= 2, "must be >= 2")])
+        check([("preset", self.preset in TEACHER_PRESETS,
+                f"expected one of {sorted(TEACHER_PRESETS)}, got {self.preset!r}"),
+               ("resolution", self.resolution >= 8 and self.resolution % 4 == 0, "must be a multiple of 4, >= 8"),
+               ("text_tokens", 1 <= self.text_tokens <= 77, "expected 1-77"),
+               ("cond_drop", 0 <= self.cond_drop < 1, "expected [0, 1)"),
+               ("preview_points", self.preview_points >= 2, "must be >= 2"),
+               ("text_cpus_per_actor", self.text_cpus_per_actor >= 0, "must be >= 0"),
+               ("text_gpus_per_actor", self.text_gpus_per_actor >= 0, "must be >= 0"),
+               ("text_cpus_per_actor", self.text_cpus_per_actor > 0 or self.text_gpus_per_actor > 0,
+                "must be > 0 without GPUs")])
+
+    def text_pool(self) -> ActorPoolConfig:
+        """The caption encoder's pool: one actor, 64 captions per call."""
+        return ActorPoolConfig(actors=1, cpus_per_actor=self.text_cpus_per_actor,
+                               gpus_per_actor=self.text_gpus_per_actor, batch_size=64)
 
 
 @dataclass(frozen=True)
@@ -126,22 +116,22 @@ class DistillConfig:
     dstl_points: int = 40
     w_clip: float = 0.0
     flip: bool = True  # train on (flip(x), z_flip) half of the time
-    materialize: bool = False
+    in_memory: bool = False  # keep the decoded pairs in Ray's object store across epochs (small data)
     train: TrainConfig = field(default_factory=_train(lr=1e-4, total_steps=200))
 
     def validate(self) -> None:
         check([("w_adv", self.w_adv >= 0, "must be >= 0"), ("w_rec_adv", self.w_rec_adv >= 0, "must be >= 0"),
-                ("lr_d", self.lr_d > 0, "must be > 0"), ("perceptual", len(self.perceptual) >= 1, "needs a net"),
-                ("omega_range", self.omega_range[0] <= self.omega_range[1], "expected (low, high)"),
-                ("omega_cond", self.omega_cond or (self.w_dstl == 0 and self.omega_range == (0.0, 0.0)),
-                 "w_dstl / omega_range need omega_cond: true"),
-                ("w_dstl", self.w_dstl >= 0, "must be >= 0"), ("dstl_points", self.dstl_points >= 2, "must be >= 2"),
-                ("w_clip", self.w_clip >= 0, "must be >= 0")])
+               ("lr_d", self.lr_d > 0, "must be > 0"), ("perceptual", len(self.perceptual) >= 1, "needs a net"),
+               ("omega_range", self.omega_range[0] <= self.omega_range[1], "expected (low, high)"),
+               ("omega_cond", self.omega_cond or (self.w_dstl == 0 and self.omega_range == (0.0, 0.0)),
+                "w_dstl / omega_range need omega_cond: true"),
+               ("w_dstl", self.w_dstl >= 0, "must be >= 0"), ("dstl_points", self.dstl_points >= 2, "must be >= 2"),
+               ("w_clip", self.w_clip >= 0, "must be >= 0")])
 
 
 @dataclass(frozen=True)
 class GrowConfig(DistillConfig):
-    resolution: int = 32  # output resolution: twice the input generator's
+    resolution: int = 32  # output resolution: twice the input generator's (the stage's name says which)
     channels: int = 0  # width of the new level; 0 = the current top level's
     trainable_levels: int = 1  # top decoder levels of the smaller G that keep training (Fig. 3)
     w_adv: float = 1.0
@@ -153,25 +143,7 @@ class GrowConfig(DistillConfig):
 
 
 # ------------------------------------------------------------------------------------------
-# Models: CLIP image tower, generator loader, discriminator and feature nets
-
-
-class ClipImage(nn.Module):
-    """[-1, 1] images -> CLIP image embeddings, differentiable in the input (CLIP regularization)."""
-
-    def __init__(self, name: str, pretrained: str = ""):
-        super().__init__()
-        self.clip = clip_mod.build_clip(name, pretrained or None)[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.clip.encode_image(clip_mod.preprocess_tensor(self.clip, x), normalize=True)
-
-
-def load_generator(art: Artifact) -> tuple[Generator, dict[str, Any]]:
-    meta = art.read_json("model_config.json")
-    gen = Generator(UNet(unet_from_dict(meta["unet"])), GeneratorConfig(**meta["generator"]))
-    gen.load_state_dict(load_weights(art, "generator"))
-    return gen.eval(), meta
+# Discriminator and feature nets
 
 
 def build_discriminator(cfg: DistillConfig, resolution: int, embed_dim: int) -> ProjectedDiscriminator:
@@ -191,6 +163,17 @@ def build_perceptual(cfg: DistillConfig, resolution: int) -> nn.ModuleList:
 
 # ------------------------------------------------------------------------------------------
 # Stage 1: teacher
+
+
+class TextColumns:
+    """Ray Data callable class: adds ``text`` and ``text_mask`` (token states) to a batch with ``caption``."""
+
+    def __init__(self, text: dict[str, Any]):
+        self.encoder = clip_mod.TextEncoder(**text).to("cuda" if torch.cuda.is_available() else "cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        enc = self.encoder(batch["caption"])
+        return {**batch, "text": enc["text"].cpu().numpy(), "text_mask": enc["text_mask"].cpu().numpy()}
 
 
 def teacher_spec(cfg: TeacherConfig, unet: UNetConfig, text: dict | None) -> TrainSpec:
@@ -216,19 +199,22 @@ def teacher_spec(cfg: TeacherConfig, unet: UNetConfig, text: dict | None) -> Tra
 
 
 def run_teacher(inputs: dict[str, Artifact], cfg: TeacherConfig, out: Artifact) -> dict[str, Any]:
-    """Stage 1: EDM on center-cropped, downsampled training images (held-out ids dropped)."""
+    """Stage 1: EDM on center-cropped, downsampled images of the ``shard``'s training split."""
     text = {"name": cfg.clip, "pretrained": cfg.clip_pretrained, "tokens": cfg.text_tokens} if cfg.text else None
-    unet = dataclasses.replace(NETS[cfg.size], img_resolution=cfg.resolution, text_dim=text_dims(text)[0])
+    unet = dataclasses.replace(TEACHER_PRESETS[cfg.preset], img_resolution=cfg.resolution,
+                               text_dim=clip_mod.text_dims(cfg.clip)[0] if text else 0)
     meta = {"kind": "pagoda_teacher", "unet": dataclasses.asdict(unet), "sigma_data": 0.5, "text": text,
             "resolution": cfg.resolution}
-    ds = read_rows(inputs["shard"], cfg.resolution, cfg.heldout_fraction, cfg.caption_column)
+    ds = shard_data.read(inputs["shard"], split=shard_data.TRAIN, resolution=cfg.resolution,
+                         caption_column=cfg.caption_column)
     if text:  # encoded once per row by an actor, not in every training step
         import ray.data
 
-        ds = ds.map_batches(TextColumns, fn_constructor_kwargs={"text": text}, batch_size=64, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=1), num_gpus=cfg.text_num_gpus,
-                            num_cpus=0 if cfg.text_num_gpus else cfg.text_num_cpus)
-    if cfg.materialize:
+        pool = cfg.text_pool()
+        ds = ds.map_batches(TextColumns, fn_constructor_kwargs={"text": text}, batch_size=pool.batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                            **actor_resources(pool))
+    if cfg.in_memory:  # after the text actor, so that captions are encoded once too
         ds = ds.materialize()
     return fit(teacher_spec(cfg, unet, text), cfg.train, out, {"train": ds}, meta)
 
@@ -265,7 +251,8 @@ def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], bu
 
     def build_models(tc: TrainConfig) -> dict[str, nn.Module]:
         models = {"generator": build_generator(), "perceptual": build_perceptual(cfg, resolution),
-                  "discriminator": build_discriminator(cfg, resolution, text_dims(text)[1])}
+                  "discriminator": build_discriminator(cfg, resolution,
+                                                       clip_mod.text_dims(text["name"])[1] if text else 0)}
         if cfg.w_dstl > 0:
             models["teacher"] = load_teacher(open_artifact(teacher_uri))[0]
         if cfg.w_clip > 0:
@@ -302,7 +289,7 @@ def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], bu
 def _fit_generator(cfg: DistillConfig, pairs: Artifact, resolution: int, meta: dict[str, Any],
                    build_generator: Callable[[], Generator], out: Artifact) -> dict[str, Any]:
     ds = read_pairs(pairs, resolution)
-    if cfg.materialize:
+    if cfg.in_memory:
         ds = ds.materialize()
     preview = ds.take_batch(cfg.train.preview_images, batch_format="numpy")
     spec = generator_spec(cfg, resolution, meta, build_generator, preview)
@@ -310,14 +297,14 @@ def _fit_generator(cfg: DistillConfig, pairs: Artifact, resolution: int, meta: d
 
 
 def run_distill(inputs: dict[str, Artifact], cfg: DistillConfig, out: Artifact) -> dict[str, Any]:
-    """Stage 2b: G = a full copy of the EMA teacher, trained on (x_B, z) pairs at the base resolution."""
-    teacher = inputs["pagoda_teacher"]
+    """Stage 2b: G = a full copy of the EMA ``teacher``, trained on its inversion ``pairs`` (x_B, z) at B."""
+    teacher = inputs["teacher"]
     tmeta = teacher.read_json("model_config.json")
     gcfg = GeneratorConfig(omega_cond=cfg.omega_cond)
     meta = {"kind": "pagoda_generator", "unet": tmeta["unet"], "generator": dataclasses.asdict(gcfg),
             "text": tmeta["text"], "teacher": teacher.uri, "resolution": tmeta["resolution"],
             "base_resolution": tmeta["resolution"]}
-    return _fit_generator(cfg, inputs["pagoda_invert"], tmeta["resolution"], meta,
+    return _fit_generator(cfg, inputs["pairs"], tmeta["resolution"], meta,
                           lambda: Generator.from_teacher(load_teacher(teacher)[0], gcfg), out)
 
 
@@ -326,16 +313,15 @@ def growth_config(cfg: GrowConfig) -> GrowthConfig:
 
 
 def run_grow(inputs: dict[str, Artifact], cfg: GrowConfig, out: Artifact) -> dict[str, Any]:
-    """Stage 3: one 2x growth. Inputs: ``pagoda_invert`` and the generator stage to grow (any name)."""
-    prev = [a for name, a in inputs.items() if name != "pagoda_invert"]
-    if len(prev) != 1:
-        raise ValueError(f"a growth stage takes pagoda_invert and one generator stage, got {sorted(inputs)}")
-    prev_meta = prev[0].read_json("model_config.json")
+    """Stage 3: one 2x growth of the ``generator`` to ``cfg.resolution``, trained on the same ``pairs``
+    (the base latents, images at the new resolution)."""
+    prev = inputs["generator"]
+    prev_meta = prev.read_json("model_config.json")
     if cfg.resolution != 2 * prev_meta["resolution"]:
         raise ValueError(f"resolution: {cfg.resolution} is not twice the input generator's {prev_meta['resolution']}")
     gcfg = growth_config(cfg)
     unet = grown_config(unet_from_dict(prev_meta["unet"]), gcfg)
     meta = {**prev_meta, "unet": dataclasses.asdict(unet), "resolution": cfg.resolution,
             "growth": dataclasses.asdict(gcfg)}
-    return _fit_generator(cfg, inputs["pagoda_invert"], cfg.resolution, meta,
-                          lambda: grow_2x(load_generator(prev[0])[0].train(), gcfg), out)
+    return _fit_generator(cfg, inputs["pairs"], cfg.resolution, meta,
+                          lambda: grow_2x(load_one_step(prev)[0].train(), gcfg), out)

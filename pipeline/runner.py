@@ -11,12 +11,13 @@ import contextlib
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from workflows.config import PipelineConfig, to_dict
-from workflows.stage import Stage, cache_key
-from workflows.store import Artifact, Store, write_manifest
+from pipeline.config import PipelineConfig, to_dict
+from pipeline.stage import Stage, cache_key
+from pipeline.store import Artifact, Store, write_manifest
 
 log = logging.getLogger("genmodels")
 
@@ -37,7 +38,7 @@ class Step:
 def descendants(stages: list[Stage], roots: set[str]) -> set[str]:
     out = set(roots)
     for s in stages:  # stages are in topological order, so one pass suffices
-        if out.intersection(s.inputs):
+        if out.intersection(s.upstream):
             out.add(s.name)
     return out
 
@@ -56,13 +57,13 @@ def plan(stages: list[Stage], cfg: PipelineConfig, store: Store, only: set[str] 
 
     steps: dict[str, Step] = {}
     for s in stages:
-        missing_inputs = [i for i in s.inputs if i not in steps]
+        missing_inputs = [i for i in s.upstream if i not in steps]
         if missing_inputs:
             raise PlanError(f"stage {s.name!r} consumes {missing_inputs[0]!r}, which is declared after it")
-        key = cache_key(s, cfg.stages[s.name], {i: steps[i].key for i in s.inputs})
+        key = cache_key(s, cfg.stages[s.name], {role: steps[i].key for role, i in s.inputs.items()})
         art = store.artifact(s.name, key)
         done = bool(art.manifest) and art.manifest.get("key") == key
-        upstream_runs = [i for i in s.inputs if steps[i].action == "run"]
+        upstream_runs = [i for i in s.upstream if steps[i].action == "run"]
         if s.name not in selected:
             action, reason = ("cached", "not selected; cached artifact used") if done else ("skip", "not selected")
         elif s.name in forced:
@@ -79,7 +80,7 @@ def plan(stages: list[Stage], cfg: PipelineConfig, store: Store, only: set[str] 
     for st in steps.values():
         if st.action != "run":
             continue
-        for i in st.stage.inputs:
+        for i in st.stage.upstream:
             if steps[i].action == "skip":
                 raise PlanError(f"stage {st.stage.name!r} needs {i!r}, which has no cached artifact for this "
                                 f"config: include it (--stages {i},{st.stage.name}) or run without --stages")
@@ -118,7 +119,7 @@ def execute(steps: list[Step], cfg: PipelineConfig, store: Store, run_id: str,
             if st.action != "run":
                 rows.append(_row(st, 0.0))
                 continue
-            for i in st.stage.inputs:
+            for i in st.stage.upstream:
                 up = by_name[i]
                 if up.stage.service and i not in started:
                     services.enter_context(up.stage.service(up.artifact, cfg.stages[i]))
@@ -129,14 +130,15 @@ def execute(steps: list[Step], cfg: PipelineConfig, store: Store, run_id: str,
             log.info("[%s] running (%s) -> %s", st.stage.name, st.reason, st.artifact.uri)
             before_stage(st.stage)
             t0 = time.time()
-            inputs = {i: by_name[i].artifact for i in st.stage.inputs}
+            inputs = {role: by_name[i].artifact for role, i in st.stage.inputs.items()}
             counts = st.stage.fn(inputs, stage_cfg, st.artifact) or {}
             wall = time.time() - t0
             resources = st.stage.resources(stage_cfg)
             st.artifact.write_json("config.json", to_dict(stage_cfg))
             write_manifest(st.artifact, {
                 "stage": st.stage.name, "key": st.key, "version": st.stage.version,
-                "config": to_dict(stage_cfg), "inputs": {i: by_name[i].key for i in st.stage.inputs},
+                "config": to_dict(stage_cfg), "inputs": {role: by_name[i].key for role, i in st.stage.inputs.items()},
+                "upstream": dict(st.stage.inputs),
                 "code_version": version, "counts": counts, "wall_s": round(wall, 3),
                 "resources": resources, "run_id": run_id})
             log.info("[%s] done in %.1fs: %s", st.stage.name, wall, _fmt_counts(counts))

@@ -1,0 +1,163 @@
+"""Per-shard bookkeeping shared by the filter, recaption and shard stages.
+
+Every data stage after ``download`` works per input shard (one img2dataset tar, id
+``<partition>_<shard>``) and writes ``<subdir>/shard=<id>/*.parquet`` (hive layout). A shard
+is done when its files hold exactly as many rows as expected (row counts from parquet
+footers); anything else is the remains of an interrupted write and is deleted and redone,
+which makes each stage exactly-once on rerun.
+
+This module also reads the inputs those stages share: the download tars (as a Ray Data
+webdataset, plus the common columns of a raw sample) and the filter's ``shards.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep import download as download_mod
+from data_prep import images
+from pipeline.store import Artifact
+
+log = logging.getLogger("genmodels")
+
+# The filter artifact's per-input-shard summary: shard, rows, kept.
+SHARDS = "shards.parquet"
+
+
+def shard_dir(subdir: str, shard: str) -> str:
+    return f"{subdir}/shard={shard}"
+
+
+def written_rows(art: Artifact, subdir: str) -> dict[str, int]:
+    """Rows per shard under ``art/subdir/shard=<id>/``; -1 when a file is unreadable (cut short)."""
+    rows: dict[str, int] = {}
+    for name in art.list(".parquet", subdir=subdir):
+        shard = posixpath.basename(posixpath.dirname(name)).removeprefix("shard=")
+        try:
+            with art.fs.open_input_file(art.child(name)) as f:
+                n = pq.read_metadata(f).num_rows
+        except (OSError, pa.ArrowInvalid):
+            n = None
+        rows[shard] = -1 if n is None or rows.get(shard, 0) < 0 else rows.get(shard, 0) + n
+    return rows
+
+
+def pending_shards(art: Artifact, subdir: str, expected: dict[str, int]) -> list[str]:
+    """Shards whose output is not complete; incomplete directories are deleted first.
+
+    Complete means exactly ``expected[shard]`` rows. Anything else is the remains of an
+    interrupted write (or of an older run), which is why it is safe to delete.
+    """
+    have = written_rows(art, subdir)
+    pending = []
+    for shard, n in sorted(expected.items()):
+        if n == 0 or have.get(shard) == n:
+            continue
+        if shard in have:
+            log.info("[%s] shard %s incomplete (%s of %d rows): redoing it", subdir, shard, have[shard], n)
+            art.fs.delete_dir(art.child(shard_dir(subdir, shard)))
+        pending.append(shard)
+    for shard in sorted(set(have) - set(expected)):  # not an input shard of this run
+        art.fs.delete_dir(art.child(shard_dir(subdir, shard)))
+    return pending
+
+
+def write_by_shard(ds, art: Artifact, subdir: str) -> None:
+    """Streamed write, one directory per input shard (the unit of completion)."""
+    art.fs.create_dir(art.child(subdir), recursive=True)
+    ds.write_parquet(art.child(subdir), filesystem=art.fs, partition_cols=["shard"])
+
+
+def read_shard_rows(art: Artifact, subdir: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of one shard, sorted by key (small: one shard)."""
+    names = art.list(".parquet", subdir=shard_dir(subdir, shard))
+    tables = []
+    for n in names:
+        with art.fs.open_input_file(art.child(n)) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in (columns or ["key"])})
+    t = pa.concat_tables(tables, promote_options="default")
+    return t.sort_by("key") if "key" in t.column_names else t
+
+
+def hive():
+    """Ray Data partitioning of the ``shard=<id>`` directories (ids stay strings)."""
+    from ray.data.datasource import Partitioning  # lazy: Ray is only needed inside a running stage
+
+    return Partitioning("hive", field_types={"shard": str})
+
+
+def read_by_shard(art: Artifact, subdir: str, columns: list[str] | None = None):
+    """Every shard's rows under ``subdir`` as one Ray dataset (with the ``shard`` column)."""
+    import ray  # lazy: Ray is only needed inside a running stage
+
+    return ray.data.read_parquet(art.child(subdir), filesystem=art.fs, columns=columns, partitioning=hive())
+
+
+def tally(batch: pa.Table, *, keys: list[str]) -> pa.Table:
+    """Row counts per distinct ``keys`` within one batch; summed on the driver (tiny), which
+    avoids a shuffle for what is only a count."""
+    return batch.group_by(keys).aggregate([([], "count_all")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The download tars
+# ---------------------------------------------------------------------------------------------
+
+
+def tar_shards(download: Artifact) -> tuple[dict[str, int], dict[str, str]]:
+    """(samples per shard, tar path in the download fs → shard) from the download index."""
+    index = download_mod.read_index(download)
+    return {r["shard"]: int(r["ok"]) for r in index}, {download.child(r["tar"]): r["shard"] for r in index}
+
+
+def read_tars(download: Artifact, shards: list[str], path_to_shard: dict[str, str]):
+    import ray  # lazy: Ray is only needed inside a running stage
+
+    wanted = set(shards)
+    paths = sorted(p for p, s in path_to_shard.items() if s in wanted)
+    return ray.data.read_webdataset(paths, filesystem=download.fs, decoder=None, include_paths=True,
+                                    file_extensions=["tar"], override_num_blocks=max(1, len(paths)))
+
+
+def sample_columns(batch: dict[str, Any], path_to_shard: dict[str, str]) -> dict[str, list]:
+    """Common columns of a raw webdataset batch: shard, key, sample_id, caption, meta, image bytes."""
+    keys = [str(k) for k in batch["__key__"]]
+    paths = [str(p) for p in batch["path"]]
+    shards = [path_to_shard[p] for p in paths]
+    metas = []
+    for raw in batch.get("json", [None] * len(keys)):
+        try:
+            metas.append(json.loads(raw) if raw is not None else {})
+        except (ValueError, TypeError):
+            metas.append({})
+    image_col = next((c for c in ("jpg", "png", "webp", "jpeg") if c in batch), None)
+    data = [bytes(x) if x is not None else b"" for x in batch[image_col]] if image_col else [b""] * len(keys)
+    return {"shard": shards, "key": [f"{s.split('_')[0]}_{k}" for s, k in zip(shards, keys)],
+            "sample_id": [str(m.get("sample_id") or f"{s}_{k}") for m, s, k in zip(metas, shards, keys)],
+            "caption": [images.clean_caption(m.get("caption")) for m in metas], "meta": metas, "data": data}
+
+
+# ---------------------------------------------------------------------------------------------
+# The filter's per-shard summary
+# ---------------------------------------------------------------------------------------------
+
+
+def write_shards(art: Artifact, per_shard: dict[str, tuple[int, int]]) -> None:
+    """``shards.parquet``: shard → (rows, kept), one row per input shard."""
+    table = pa.table({"shard": list(per_shard), "rows": [v[0] for v in per_shard.values()],
+                      "kept": [v[1] for v in per_shard.values()]})
+    art.write_parquet(SHARDS, table)
+
+
+def read_shards(art: Artifact) -> dict[str, dict[str, int]]:
+    """``shards.parquet`` of a filter artifact: shard → {rows, kept}."""
+    t = pq.read_table(art.child(SHARDS), filesystem=art.fs)
+    return {r["shard"]: {"rows": r["rows"], "kept": r["kept"]} for r in t.to_pylist()}

@@ -1,0 +1,101 @@
+"""A pipeline stage: declared once, as data, in its family's ``STAGES`` table.
+
+A stage's inputs are named by role (``{"latents": "pagoda_invert"}``): the stage body reads
+``inputs["latents"]`` and never an upstream stage's name, so a table can rewire a stage (a
+third growth step, another encoder) without touching its code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import to_dict
+from pipeline.store import Artifact
+
+# (inputs by role, this stage's config, output artifact) -> counts for the manifest
+StageFn = Callable[[dict[str, Artifact], Any, Artifact], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: StageFn
+    config: type
+    # role -> upstream stage name; a plain sequence of names means role == name.
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    # Bump when the code changes what the stage writes: old artifacts stop matching.
+    version: int = 1
+    uses_ray: bool = False
+    # Resources the stage holds while running, for cost accounting: cfg -> {"CPU": n, "GPU": n}.
+    resources: Callable[[Any], dict[str, float]] = field(default=lambda cfg: {"CPU": 1.0})
+    # A context manager a downstream stage needs while it runs (e.g. the demo's HTTP server).
+    service: Callable[[Artifact, Any], ContextManager[Any]] | None = None
+
+    def __post_init__(self) -> None:
+        roles = self.inputs if isinstance(self.inputs, Mapping) else {n: n for n in self.inputs}
+        object.__setattr__(self, "inputs", dict(roles))
+
+    @property
+    def upstream(self) -> list[str]:
+        """Names of the stages this one reads, in declaration order."""
+        return list(dict.fromkeys(self.inputs.values()))
+
+
+def cache_key(stage: Stage, cfg: Any, input_keys: dict[str, str]) -> str:
+    """Hash of name, version, this stage's config section and its inputs' keys (by role).
+
+    Changing one stage's config changes its key and, through ``input_keys``, every
+    downstream key; upstream keys do not move, so upstream stays cached.
+    """
+    blob = json.dumps({"stage": stage.name, "version": stage.version, "config": to_dict(cfg),
+                       "inputs": dict(sorted(input_keys.items()))}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def no_service(art: Artifact, cfg: Any) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class ActorPoolConfig:
+    """The one vocabulary of a stage that runs a model in a Ray Data actor pool.
+
+    Configs of such stages inherit these fields, so every stage spells them the same way.
+    """
+
+    actors: int = 1
+    cpus_per_actor: float = 0.5  # fractional: a pool of whole-CPU actors starves reads on 2 CPUs
+    gpus_per_actor: float = 0.0
+    batch_size: int = 16
+
+    def validate_pool(self) -> None:
+        if self.actors < 1 or self.batch_size < 1:
+            raise ValueError(f"{'actors' if self.actors < 1 else 'batch_size'}: must be >= 1")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            raise ValueError(f"{'cpus_per_actor' if self.cpus_per_actor < 0 else 'gpus_per_actor'}: must be >= 0")
+        if self.cpus_per_actor == 0 and self.gpus_per_actor == 0:
+            raise ValueError("cpus_per_actor: must be > 0 without GPUs")
+
+    def validate(self) -> None:
+        self.validate_pool()
+
+
+def actor_resources(cfg: ActorPoolConfig) -> dict[str, float]:
+    """Ray resources of one actor. GPU actors ask for no CPU, so the CPU slots of a GPU node stay
+    free for the reads and transforms that feed them."""
+    if cfg.gpus_per_actor > 0:
+        return {"num_gpus": cfg.gpus_per_actor, "num_cpus": 0}
+    return {"num_cpus": cfg.cpus_per_actor}
+
+
+def pool_resources(cfg: ActorPoolConfig) -> dict[str, float]:
+    """What the whole pool holds while the stage runs (``Stage.resources``, for cost accounting)."""
+    if cfg.gpus_per_actor > 0:
+        return {"GPU": cfg.gpus_per_actor * cfg.actors}
+    return {"CPU": cfg.cpus_per_actor * cfg.actors}

@@ -1,0 +1,87 @@
+"""What the session's demo run (tests/e2e/conftest.py) produced: the data funnel adds up, the
+shard's split is the only split, no held-out image reaches any training stage, every training
+loss fell, and samples and metrics exist for every model of both families.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_prep.splits import heldout_mask, row_ids
+from pipeline.store import open_artifact
+from tests.e2e.conftest import demo_timeout
+from workflows import shard_data
+from workflows.train.export import read_history
+
+pytestmark = [pytest.mark.slow, demo_timeout]
+TRAINING = ("wuerstchen_stage_a", "wuerstchen_stage_b", "wuerstchen_stage_c", "pagoda_teacher", "pagoda_distill",
+            "pagoda_grow_32", "pagoda_grow_64")
+# Derived artifacts that hold per-row training data, and where their parquet files are.
+DERIVED = {"wuerstchen_encode_a": "data", "wuerstchen_encode_semantic": "data", "pagoda_invert": "pairs"}
+
+
+def losses(art_dir: str) -> list[float]:
+    recs = read_history(open_artifact(art_dir))
+    key = "loss_rec" if any("loss_rec" in r for r in recs) else "loss"  # PaGoDA's G: the reconstruction term
+    return [r[key] for r in recs if isinstance(r.get(key), (int, float))]
+
+
+def test_data_funnel_adds_up(demo):
+    m = demo["manifests"]
+    urls, dl, fl, rc, sh = (m[s]["counts"] for s in ("urls", "download", "filter", "recaption", "shard"))
+    assert dl["rows_in"] == urls["rows"]
+    assert dl["rows_in"] == dl["rows_out"] + sum(dl["failed_by_reason"].values())
+    assert dl["failed_by_reason"]["http_error"] >= 1 and dl["failed_by_reason"]["decode_error"] >= 1
+    assert fl["rows_in"] == dl["rows_out"]
+    assert fl["rows_in"] == fl["rows_out"] + sum(fl["rejected_by_reason"].values())
+    assert rc["rows_out"] == fl["rows_out"] == sh["rows_out"]
+    assert sh["rows_train"] + sh["rows_heldout"] == sh["rows_out"] and sh["rows_heldout"] > 0
+
+
+def test_the_shard_decides_the_split_once(demo):
+    shard = open_artifact(demo["manifests"]["shard"]["_path"])
+    ids = shard_data.split_ids(shard)
+    every = sorted(ids["train"] | ids["heldout"])
+    assert not ids["train"] & ids["heldout"]
+    fraction = demo["manifests"]["shard"]["config"]["heldout_fraction"]
+    assert {s for s, h in zip(every, heldout_mask(every, fraction)) if h} == ids["heldout"]
+    # No other stage declares a held-out fraction of its own.
+    for stage, man in demo["manifests"].items():
+        assert stage == "shard" or "heldout_fraction" not in json.dumps(man["config"]), stage
+
+
+def test_no_heldout_id_reaches_any_training_stage(demo):
+    m = demo["manifests"]
+    ids = shard_data.split_ids(open_artifact(m["shard"]["_path"]))
+    held, train = ids["heldout"], ids["train"]
+    assert len(held) >= 10 and len(train) >= 100
+    for stage, subdir in DERIVED.items():
+        table = shard_data.read_table(open_artifact(m[stage]["_path"]), ["sample_id"], subdir=subdir, split=None)
+        seen = set(table.column("sample_id").to_pylist())
+        assert seen and seen <= train and not seen & held, stage
+    held_rows = set(row_ids(sorted(held)).tolist())
+    for stage in TRAINING:
+        trained = json.loads(Path(m[stage]["_path"], "trained_rows.json").read_text())["row_ids"]
+        assert len(trained) >= 100 and not set(trained) & held_rows, stage
+
+
+@pytest.mark.parametrize("stage", TRAINING)
+def test_every_training_loss_decreased(demo, stage):
+    curve = losses(demo["manifests"][stage]["_path"])
+    k = len(curve) // 3  # thirds: one noisy logging window cannot decide it
+    first, last = sum(curve[:k]) / k, sum(curve[-k:]) / k
+    assert len(curve) >= 10 and last < first, (stage, first, last)
+
+
+def test_samples_and_metrics(demo):
+    m = demo["manifests"]
+    assert Path(m["wuerstchen_sample"]["_path"], "grid.png").exists()
+    assert all(Path(m["pagoda_sample"]["_path"], f"grid_{r}.png").exists() for r in (16, 32, 64))
+    swd = json.loads(Path(m["pagoda_sample"]["_path"], "swd.json").read_text())
+    assert swd["trained"]["swd"] < swd["init"]["swd"], swd
+    table = json.loads(Path(m["evaluate"]["_path"], "metrics.json").read_text())
+    assert {"wuerstchen", "pagoda_16", "pagoda_32", "pagoda_64"} <= set(table)
+    assert all(isinstance(v["swd"], float) and v["swd"] > 0 for v in table.values())

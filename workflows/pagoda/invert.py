@@ -1,0 +1,180 @@
+"""pagoda_invert: data-latent pairs by PF-ODE inversion of the frozen teacher (PaGoDA Sec. 3.2, Stage 2a).
+
+    shard (training rows) -> Inverter actors (EMA teacher + text encoder, loaded once) -> pairs/*.parquet
+
+For every training image x and its horizontal flip: z = reverse Heun of the teacher from
+sigma = 0.002 to 80 on the 40-point Karras grid (78 evaluations), denoised output clipped to
+[-1, 1]. A pair row is keyed by ``sample_id`` and holds ``latent``, ``latent_flip``, the text
+conditions the teacher saw (``text``, ``text_mask``, ``text_embed``), the caption, and the
+encoded images ``jpg_R`` (R >= B) that the distillation and growth stages train on, so those
+stages read one artifact and need no join (``read_pairs``).
+
+Resume: the shard's files are processed in chunks; chunk N is written to ``pairs/NNNNN/`` and
+committed by ``chunks/NNNNN.json``, so a rerun skips finished chunks and rewrites only the
+unfinished one. ``pairs.json`` (then the manifest) is written last.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.splits import row_ids
+from genmodels.clip import TextEncoder
+from genmodels.pagoda import PagodaConfig, invert_latents, ode_sample
+from pipeline.config import check
+from pipeline.stage import ActorPoolConfig, actor_resources
+from pipeline.store import Artifact, task_filenames
+from workflows import shard_data
+from workflows.pagoda.models import load_teacher
+
+
+def read_pairs(pairs: Artifact, resolution: int):
+    """Ray Dataset of inversion pairs with the image decoded at ``resolution`` (jpg_R carried by the pairs)."""
+    meta = pairs.read_json("pairs.json")
+    col = shard_data.image_column(meta["image_columns"], resolution)
+    cols = ["sample_id", "latent", "latent_flip", col] + (["text", "text_mask", "text_embed"] if meta["text"] else [])
+
+    def prepare(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b = dict(b)
+        b["row_id"] = row_ids(b.pop("sample_id"))
+        b["image"] = shard_data.decode(b.pop(col), resolution)
+        return b
+
+    return shard_data.read_parquet(pairs, cols, subdir="pairs").map_batches(prepare, batch_format="numpy")
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 2a: inversion
+
+
+@dataclass(frozen=True)
+class InvertConfig(ActorPoolConfig):
+    """The inversion actors' pool (``actors``: one per GPU on a cluster; ``batch_size`` images per
+    call; ``cpus_per_actor`` fractional so that a 2-core machine keeps reading) and the inversion."""
+
+    points: int = 40  # Karras grid points, 0.002 -> 80 (Sec. 3.2): 2 * (points - 1) evaluations per latent
+    fraction: float = 1.0  # invert this fraction of the training rows (by sample-id hash)
+    caption_column: str = "recaption"
+    resolutions: tuple[int, ...] = ()  # images (jpg_R) carried into the pairs; () = every stored R >= base
+    files_per_chunk: int = 64  # shard files per committed chunk (the unit of resume)
+    check_samples: int = 4  # per actor: forward Heun from z of its first rows must give x_B back
+
+    def validate(self) -> None:
+        self.validate_pool()
+        check([("points", self.points >= 2, "must be >= 2"),
+               ("fraction", 0 < self.fraction <= 1, "expected (0, 1]"),
+               ("files_per_chunk", self.files_per_chunk >= 1, "must be >= 1"),
+               ("check_samples", self.check_samples >= 0, "must be >= 0")])
+
+
+class Inverter:
+    """Ray Data callable class: the EMA teacher (and its text encoder) load once per actor in __init__."""
+
+    def __init__(self, teacher: Artifact, points: int, carry: tuple[str, ...] = (), check: int = 0,
+                 report: Artifact | None = None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.teacher, meta = load_teacher(teacher)
+        self.teacher.to(self.device)
+        self.text = TextEncoder(**meta["text"]).to(self.device).eval() if meta["text"] else None
+        self.resolution, self.carry = meta["resolution"], carry
+        self.cfg = PagodaConfig(resolution=self.resolution, inversion_points=points)
+        # Round-trip check on this actor's first `check` rows, reported as roundtrip/<uuid>.json in `report`.
+        self.check, self.report = (check, report) if report is not None else (0, None)
+
+    @torch.no_grad()
+    def roundtrip_error(self, x: torch.Tensor, z: torch.Tensor, cond: dict) -> torch.Tensor:
+        """|Heun(z) - x| per image and pixel: forward Heun on the same grid (+ Euler to 0) should give x_B back."""
+        e = self.cfg.edm
+        x_rec = ode_sample(self.teacher, z, self.cfg.inversion_points, e.sigma_min, e.sigma_max, e.rho, **cond)
+        return (x_rec.clamp(-1, 1) - x).abs().flatten(1)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        src = shard_data.image_column(batch, self.resolution)
+        x = torch.from_numpy(shard_data.decode(batch[src], self.resolution)).to(self.device)
+        cond = self.text(batch["caption"]) if self.text is not None else {}
+        tcond = {k: cond[k] for k in ("text", "text_mask") if k in cond}
+        z = invert_latents({"teacher": self.teacher}, {"image": x, **tcond}, self.cfg)
+        out = {"sample_id": batch["sample_id"], "caption": batch["caption"],
+               **{k: v.cpu().numpy() for k, v in {**z, **cond}.items()}, **{c: batch[c] for c in self.carry}}
+        if self.check > 0:
+            n = min(self.check, len(x))
+            err = self.roundtrip_error(x[:n], z["latent"][:n], {k: v[:n] for k, v in tcond.items()})
+            self.report.write_json(f"roundtrip/{uuid.uuid4().hex}.json", {
+                "sample_id": [str(s) for s in batch["sample_id"][:n]], "mae": err.mean(1).tolist(),
+                "max": err.amax(1).tolist()})
+            self.check -= n
+        return out
+
+
+def _rows_in(out: Artifact, subdir: str) -> int:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for name in out.list(".parquet", subdir=subdir):
+        with out.fs.open_input_file(out.child(name)) as f:
+            n += pq.ParquetFile(f).metadata.num_rows
+    return n
+
+
+def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) -> dict[str, Any]:
+    """Inputs: ``shard`` (its training rows are inverted) and ``teacher``."""
+    import ray.data
+
+    shard, teacher = inputs["shard"], inputs["teacher"]
+    meta = teacher.read_json("model_config.json")
+    base = meta["resolution"]
+    names = shard_data.columns(shard)
+    stored = shard_data.image_columns(names)
+    keep = list(cfg.resolutions) or [r for r in stored if r >= base]
+    missing = [r for r in keep if r not in stored]
+    if missing:
+        raise ValueError(f"resolutions: shard {shard.uri} has no images at {missing[0]} (stored: {sorted(stored)})")
+    carry = tuple(stored[r] for r in keep)
+    src = shard_data.image_column(names, base)
+    files = [shard.child_uri(n) for n in shard.list(".parquet")]
+    chunks = [files[i:i + cfg.files_per_chunk] for i in range(0, len(files), cfg.files_per_chunk)]
+
+    def inverted(paths: list[str], check: int):
+        ds = shard_data.read(shard, split=shard_data.TRAIN, carry=sorted({*carry, src}),
+                             caption_column=cfg.caption_column, fraction=cfg.fraction, paths=paths)
+        return ds.map_batches(
+            Inverter, fn_constructor_kwargs={"teacher": teacher, "points": cfg.points, "carry": carry,
+                                             "check": check, "report": out},
+            batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            **actor_resources(cfg))
+
+    t0, rows, skipped = time.time(), 0, 0
+    for i, paths in enumerate(chunks):
+        marker = f"chunks/{i:05d}.json"
+        if out.exists(marker):
+            rows += out.read_json(marker)["rows"]
+            skipped += 1
+            continue
+        # OVERWRITE empties pairs/NNNNN/ first: a half-written chunk of an interrupted run goes away.
+        inverted(paths, cfg.check_samples if i == 0 else 0).write_parquet(
+            out.child_uri(f"pairs/{i:05d}"), filesystem=out.fs, mode="overwrite", filename_provider=task_filenames())
+        n = _rows_in(out, f"pairs/{i:05d}")
+        out.write_json(marker, {"rows": n, "files": paths})
+        rows += n
+    invert_s = time.time() - t0
+
+    counts: dict[str, Any] = {"rows": rows, "latents": 2 * rows, "chunks": len(chunks), "chunks_skipped": skipped,
+                              "invert_s": round(invert_s, 3), "teacher_evals_per_latent": 2 * (cfg.points - 1)}
+    if rows and not skipped:  # images (each with its flip) and latents per second
+        counts.update(images_per_s=round(rows / invert_s, 3), latents_per_s=round(2 * rows / invert_s, 3))
+    checks = [out.read_json(n) for n in out.list(".json", subdir="roundtrip")]
+    if checks:
+        mae = [v for c in checks for v in c["mae"]]  # per image, in [-1, 1] pixel units
+        counts.update(roundtrip_n=len(mae), roundtrip_mae=float(np.mean(mae)),
+                      roundtrip_mae_median=float(np.median(mae)),
+                      roundtrip_max=float(np.max([v for c in checks for v in c["max"]])))
+    out.write_json("pairs.json", {"resolution": base, "image_columns": list(carry), "text": bool(meta["text"]),
+                                  "points": cfg.points, "rows": rows, "teacher": teacher.uri})
+    return counts

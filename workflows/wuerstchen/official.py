@@ -1,0 +1,93 @@
+"""The public Würstchen v2 weights in diffusers layout (DIR/prior, DIR/decoder, DIR/vqgan) as a
+``ModelSet``; text encoders are open_clip ViT-bigG-14 (C) and ViT-H-14 (B) with their LAION tags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from genmodels.clip import BIGG, H14
+from genmodels.wuerstchen import COMPRESSOR_PRESETS, map_diffusers_state_dict
+from workflows.wuerstchen.models import ModelSet, TextEncoderConfig, build_module, model_config
+
+OFFICIAL_SUBDIR = {"stage_c": "prior", "stage_b": "decoder", "stage_a": "vqgan"}
+OFFICIAL_TEXT = {"stage_c": TextEncoderConfig(*BIGG), "stage_b": TextEncoderConfig(*H14)}
+
+
+def _read_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """diffusers weights in a folder: an index of shards, one file, or .bin; non-variant preferred."""
+    files = sorted(os.listdir(folder))
+    for ext, loader in ((".safetensors", load_file),
+                        (".bin", lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        index = [f for f in files if f.endswith(f"{ext}.index.json")]
+        if index:
+            with open(os.path.join(folder, index[0])) as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+        else:
+            shards = [f for f in files if f.endswith(ext)]
+            plain = [f for f in shards if f == f"diffusion_pytorch_model{ext}"]
+            shards = plain or shards[:1]
+        if shards:
+            sd: dict[str, torch.Tensor] = {}
+            for f in shards:
+                sd.update(loader(os.path.join(folder, f)))
+            return sd
+    raise FileNotFoundError(f"{folder}: no *.safetensors or *.bin weights")
+
+
+def official_config(kind: str, cfg: dict[str, Any]):
+    """diffusers config.json (WuerstchenPrior / WuerstchenDiffNeXt / PaellaVQModel) → our config."""
+    g = cfg.get
+    if kind == "stage_c":
+        return model_config("stage_c", "paper", {"c_in": g("c_in", 16), "c": g("c", 1536), "c_clip": g("c_cond", 1280),
+                                                 "c_r": g("c_r", 64), "depth": g("depth", 32), "nhead": g("nhead", 24),
+                                                 "dropout": g("dropout", 0.1)})
+    if kind == "stage_b":
+        drop = g("dropout", 0.1)
+        return model_config("stage_b", "paper", {k: v for k, v in {
+            "c_in": g("c_in"), "c_r": g("c_r"), "patch_size": g("patch_size"), "c_cond": g("c_cond"),
+            "c_hidden": g("c_hidden"), "nhead": [max(h, 0) for h in g("nhead")] if g("nhead") else None,
+            "blocks": g("blocks"), "level_config": g("level_config"), "inject_sem": g("inject_effnet"),
+            "c_sem": g("effnet_embd"), "c_clip": g("clip_embd"), "kernel_size": g("kernel_size"),
+            "dropout": drop[0] if isinstance(drop, list) else drop}.items() if v is not None})
+    if kind == "stage_a":
+        if g("up_down_scale_factor", 2) != 2:
+            raise ValueError("stage_a: only up_down_scale_factor=2 (f4) is supported")
+        return model_config("stage_a", "paper", {k: v for k, v in {
+            "c_in": g("in_channels"), "levels": g("levels"), "bottleneck_blocks": g("bottleneck_blocks"),
+            "c_hidden": g("embed_dim"), "c_latent": g("latent_channels"), "codebook_size": g("num_vq_embeddings"),
+            "scale_factor": g("scale_factor")}.items() if v is not None})
+    raise ValueError(f"unknown kind {kind!r}; expected stage_a, stage_b or stage_c")
+
+
+def load_official(directory: str, kind: str) -> nn.Module:
+    """One public v2 network from a local diffusers-layout directory (the pipeline root or the
+    component's own folder: config.json + diffusion_pytorch_model*.safetensors|.bin)."""
+    folder = os.path.join(directory, OFFICIAL_SUBDIR[kind]) if kind in OFFICIAL_SUBDIR else directory
+    if not os.path.isdir(folder):
+        folder = directory
+    cfg_path = os.path.join(folder, "config.json")
+    cfg = {}
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    module = build_module(kind, official_config(kind, cfg))
+    module.load_state_dict(map_diffusers_state_dict(kind, _read_state_dict(folder)), strict=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_official_set(directory: str, clip_c: str = "", clip_b: str = "") -> ModelSet:
+    """The three v2 networks; ``clip_c`` / ``clip_b`` replace the text encoders' pretrained tags
+    (e.g. a local checkpoint on an offline machine)."""
+    text_c = dataclasses.replace(OFFICIAL_TEXT["stage_c"], **({"pretrained": clip_c} if clip_c else {}))
+    text_b = dataclasses.replace(OFFICIAL_TEXT["stage_b"], **({"pretrained": clip_b} if clip_b else {}))
+    return ModelSet(stage_a=load_official(directory, "stage_a"), stage_b=load_official(directory, "stage_b"),
+                    stage_c=load_official(directory, "stage_c"), text_c=text_c, text_b=text_b,
+                    compressor=dataclasses.asdict(COMPRESSOR_PRESETS["paper"]), image_size=1024)
