@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import REPO, free_port
 
-DEMO_TIMEOUT_S = 1800
+DEMO_TIMEOUT_S = 2400
 demo_timeout = pytest.mark.timeout(DEMO_TIMEOUT_S + 120)
 
 
