@@ -29,6 +29,17 @@ Failures are never dropped: every input row is in a shard parquet with its statu
 counts hold ``failed_by_reason`` (``http_error``, ``network_error``, ``decode_error``,
 ``too_small``, ``too_large``, ``bad_aspect``, ``bad_url``, ``opted_out``, ``other``) with
 ``rows_in == ok + sum(failed_by_reason)`` checked before the stage returns.
+
+Safety (the URL list is untrusted): img2dataset's own urllib fetch is replaced, inside its
+worker processes, by :mod:`data_prep.fetch` under the policy of :mod:`data_prep.url_policy`.
+Only ``allowed_schemes`` are fetched; private, loopback, link-local, multicast, reserved and
+cloud-metadata addresses are refused (at every redirect hop, for every address a name resolves
+to) unless inside ``allow_networks``; bodies over ``max_bytes`` and images whose header
+announces more than ``max_image_area`` pixels are refused before cv2 decodes anything. Refused
+rows are status rows like any other failure (``bad_url: ...``, ``too_large: ...``) and are never
+fetched. Each img2dataset worker reports its peak RSS: ``peak_rss_mb`` (and the worker's
+``base_rss_mb`` before its first shard, mostly imports) in the partition commit, and the
+largest ``peak_rss_mb`` in the stage counts.
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from data_prep.fetch import FetchLimits, img2dataset_guard, worker_memory
+from data_prep.url_policy import UrlPolicy
 from pipeline.store import Artifact, is_local
 
 log = logging.getLogger("genmodels")
@@ -73,7 +86,8 @@ class DownloadConfig:
     image_size: the target side for ``resize_mode`` (longest side for ``keep_ratio_largest``).
     resize_only_if_bigger: never upscale (keep the original resolution when it is smaller).
     min_image_size: rows whose shorter side is smaller fail with reason ``too_small`` (0: off).
-    max_image_area: decompression-bomb guard: decoded width*height above this fails ``too_large``.
+    max_image_area: decompression-bomb guard: a header announcing more width*height pixels fails
+        ``too_large`` before any decode (and cv2 is capped to it as well).
     max_aspect_ratio: long/short side above this fails ``bad_aspect`` (0: off).
     encode_format / encode_quality: how stored images are encoded.
     threads: img2dataset download threads per process (it is I/O bound; DNS is the real limit).
@@ -81,6 +95,11 @@ class DownloadConfig:
     timeout_s / retries: per-URL HTTP timeout and retries.
     cpus_per_task: Ray CPUs reserved per partition task (fractional is fine; downloads mostly wait).
     task_retries: Ray retries of a failed partition task (crashes, preempted nodes).
+    allowed_schemes: URL schemes that are fetched (a subset of http, https); others fail ``bad_url``.
+    allow_networks: CIDRs whose addresses are fetched although private/loopback/link-local
+        (default none: on a cluster only public addresses). The demo sets ``["127.0.0.1/32"]``.
+    max_bytes: responses longer than this fail ``too_large`` (the stream is cut there).
+    max_redirects: redirect hops followed, each checked against the same policy.
     """
 
     url_col: str = "url"
@@ -101,6 +120,17 @@ class DownloadConfig:
     retries: int = 0
     cpus_per_task: float = 1.0
     task_retries: int = 2
+    allowed_schemes: tuple[str, ...] = ("http", "https")
+    allow_networks: tuple[str, ...] = ()
+    max_bytes: int = 16 << 20
+    max_redirects: int = 5
+
+    def policy(self) -> UrlPolicy:
+        return UrlPolicy(schemes=tuple(self.allowed_schemes), allow_networks=tuple(self.allow_networks))
+
+    def limits(self) -> FetchLimits:
+        return FetchLimits(timeout_s=self.timeout_s, max_bytes=self.max_bytes, max_pixels=self.max_image_area,
+                           max_redirects=self.max_redirects)
 
     def validate(self) -> None:
         if self.rows_per_shard < 1:
@@ -114,6 +144,13 @@ class DownloadConfig:
             raise ValueError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
         if not 1 <= self.encode_quality <= 100:
             raise ValueError(f"encode_quality: must be in 1..100, got {self.encode_quality}")
+        if self.max_bytes < 1 or self.max_image_area < 1:
+            raise ValueError(f"max_bytes / max_image_area: must be ≥ 1, got {self.max_bytes} / {self.max_image_area}")
+        if self.max_redirects < 0:
+            raise ValueError(f"max_redirects: must be ≥ 0, got {self.max_redirects}")
+        if not self.allowed_schemes:
+            raise ValueError("allowed_schemes: must name at least one scheme")
+        self.policy().validate()
 
 
 @dataclass(frozen=True)
@@ -133,9 +170,21 @@ class Partition:
 # ---------------------------------------------------------------------------------------------
 
 
+REASONS = ("http_error", "network_error", "decode_error", "too_small", "too_large", "bad_aspect", "bad_url",
+           "opted_out", "hash_mismatch", "other")
+
+
 def failure_reason(status: str, error: str | None) -> str:
-    """Map an img2dataset status + error_message to one counted reason."""
+    """Map an img2dataset status + error_message to one counted reason.
+
+    The guarded fetcher (:mod:`data_prep.fetch`) writes ``"<reason>: <detail>"``; the rest are
+    img2dataset's and cv2's own messages."""
     e = (error or "").lower()
+    prefix = e.split(":", 1)[0]
+    if prefix in REASONS:
+        return prefix
+    if "validateinputimagesize" in e:  # cv2's own pixel cap (OPENCV_IO_MAX_IMAGE_PIXELS)
+        return "too_large"
     if "http error" in e:
         return "http_error"
     if "image too small" in e:
@@ -235,17 +284,19 @@ def download_partition(part: Partition, cfg: DownloadConfig, urls: Artifact, out
         local = is_local(out.fs)
         folder = out.child(rel) if local else os.path.join(tmp, "out")
         os.makedirs(folder, exist_ok=True)
-        img2dataset.download(
-            url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",
-            save_additional_columns=[c for c in table.column_names if c not in ("url", "caption")] or None,
-            output_folder=folder, output_format="webdataset", processes_count=cfg.processes_per_task,
-            thread_count=cfg.threads, number_sample_per_shard=cfg.rows_per_shard,
-            resize_mode=cfg.resize_mode, image_size=cfg.image_size, resize_only_if_bigger=cfg.resize_only_if_bigger,
-            min_image_size=cfg.min_image_size, max_image_area=float(cfg.max_image_area),
-            max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), encode_format=cfg.encode_format,
-            encode_quality=cfg.encode_quality, timeout=cfg.timeout_s, retries=cfg.retries,
-            enable_wandb=False, extract_exif=False, compute_hash="sha256", incremental_mode="incremental",
-            max_shard_retry=1)
+        reports = os.path.join(tmp, "rss")  # one small JSON per shard from the worker that ran it
+        with img2dataset_guard(cfg.policy(), cfg.limits(), reports):
+            img2dataset.download(
+                url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",
+                save_additional_columns=[c for c in table.column_names if c not in ("url", "caption")] or None,
+                output_folder=folder, output_format="webdataset", processes_count=cfg.processes_per_task,
+                thread_count=cfg.threads, number_sample_per_shard=cfg.rows_per_shard,
+                resize_mode=cfg.resize_mode, image_size=cfg.image_size, resize_only_if_bigger=cfg.resize_only_if_bigger,
+                min_image_size=cfg.min_image_size, max_image_area=float(cfg.max_image_area),
+                max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), encode_format=cfg.encode_format,
+                encode_quality=cfg.encode_quality, timeout=cfg.timeout_s, retries=cfg.retries,
+                enable_wandb=False, extract_exif=False, compute_hash="sha256", incremental_mode="incremental",
+                max_shard_retry=1)
         n_shards = (n + cfg.rows_per_shard - 1) // cfg.rows_per_shard
         shards, reasons, ok, seen = [], Counter(), 0, 0
         for s in range(n_shards):
@@ -272,8 +323,10 @@ def download_partition(part: Partition, cfg: DownloadConfig, urls: Artifact, out
                                     source_filesystem=pafs.LocalFileSystem(), destination_filesystem=out.fs)
         else:
             shutil.rmtree(os.path.join(folder, "_tmp"), ignore_errors=True)
+        memory = worker_memory(reports)
     record = {"partition": part.name, "source": asdict(part), "rows": n, "ok": ok,
-              "failed_by_reason": dict(sorted(reasons.items())), "shards": shards, "wall_s": round(time.time() - t0, 3)}
+              "failed_by_reason": dict(sorted(reasons.items())), "shards": shards, "wall_s": round(time.time() - t0, 3),
+              **memory}
     out.write_json(f"{rel}/{COMMIT}", record)  # last: the partition is done
     return record
 
@@ -302,8 +355,9 @@ def run(inputs: dict[str, Artifact], cfg: DownloadConfig, out: Artifact) -> dict
         part = pending.pop(ready[0])
         rec = ray.get(ready[0])
         finished += 1
-        log.info("[download] partition %s committed (%d/%d): %d rows, %d ok, %s, %.1fs", part.name, finished,
-                 len(todo), rec["rows"], rec["ok"], rec["failed_by_reason"] or "no failures", rec["wall_s"])
+        log.info("[download] partition %s committed (%d/%d): %d rows, %d ok, %s, %.1fs, worker peak RSS %s MB",
+                 part.name, finished, len(todo), rec["rows"], rec["ok"], rec["failed_by_reason"] or "no failures",
+                 rec["wall_s"], rec.get("peak_rss_mb"))
     wall = time.time() - t0
 
     records = [out.read_json(f"parts/{p.name}/{COMMIT}") for p in parts]
@@ -320,7 +374,8 @@ def run(inputs: dict[str, Artifact], cfg: DownloadConfig, out: Artifact) -> dict
     counts = {"rows_in": rows_in, "rows_out": ok, "failed": rows_in - ok,
               "failed_by_reason": dict(sorted(reasons.items())), "partitions": len(parts),
               "partitions_resumed": len(done), "shards": index.num_rows,
-              "rows_per_s": round(rows_todo / wall, 2) if todo and wall > 0 else None}
+              "rows_per_s": round(rows_todo / wall, 2) if todo and wall > 0 else None,
+              "peak_rss_mb": max((r["peak_rss_mb"] for r in records if r.get("peak_rss_mb") is not None), default=None)}
     log.info("[download] summary: rows in %d, rows out %d, failed %s, %.1f rows/s", rows_in, ok,
              json.dumps(counts["failed_by_reason"]), counts["rows_per_s"] or 0.0)
     return counts

@@ -3,7 +3,8 @@
 Two Ray Data passes over the ``download`` artifact's tars:
 
 1. **score** (streaming): ``read_webdataset`` → :func:`prepare` (CPU tasks: bomb-guarded
-   decode, original size, caption cleanup and heuristics, open_clip preprocessing) →
+   decode, stored and original size, blank check, LAION's scores from the json, caption
+   cleanup and heuristics, open_clip preprocessing) →
    :class:`~data_prep.models.ClipScorer` (actor pool: CLIP image/text embeddings, similarity,
    aesthetic / watermark / NSFW heads) → ``scores/shard=<id>/*.parquet``.
 2. **decide**: SemDeDup-style near-duplicate removal (:mod:`data_prep.dedup`; Abbas et al.,
@@ -13,12 +14,25 @@ Two Ray Data passes over the ``download`` artifact's tars:
 
 Output schema of ``rows/`` (one row per downloaded image, kept or not; ``shard`` from the
 hive directory): ``key`` (stage-wide sample key ``<partition>_<img2dataset key>``), ``sample_id``,
-``caption`` (cleaned), ``width``/``height`` (stored), ``orig_width``/``orig_height``,
-``sha256``, ``image_error``, ``caption_words``, ``caption_chars``,
-``caption_latin``, ``clip_sim``, ``aesthetic``, ``pwatermark``, ``punsafe`` (null when that
-head is not configured), ``cluster``, ``dup_of`` (key of the earlier duplicate or ""),
-``reject`` (comma-separated reasons, "" when kept), ``keep``. ``shards.parquet`` holds
-``shard, rows, kept`` per input shard.
+``caption`` (cleaned), ``width``/``height`` (the stored image, from its header),
+``orig_width``/``orig_height`` (the source, from img2dataset; the stored size otherwise),
+``uniform_fraction`` (:func:`data_prep.images.uniform_fraction` of the stored image),
+``sha256``, ``image_error``, ``caption_words``, ``caption_chars``, ``caption_latin``,
+``clip_sim``, ``aesthetic``, ``pwatermark``, ``punsafe`` (the scores the decision used: LAION's
+where the input row carried one, else the model's; null when neither exists),
+``laion_scores`` (which of those four came from LAION, comma-separated), the LAION inputs
+``laion_similarity``, ``laion_aesthetic``, ``laion_pwatermark``, ``laion_punsafe`` (null when
+absent), ``cluster``, ``dup_of`` (key of the earlier duplicate or ""), ``reject``
+(comma-separated reasons, "" when kept), ``keep``. ``scores/`` keeps the model's own scores.
+``shards.parquet`` holds ``shard, rows, kept`` per input shard.
+
+LAION's scores: the urls stage carries LAION's per-row ``similarity``, ``AESTHETIC_SCORE``,
+``pwatermark`` and ``punsafe`` as ``laion_*`` columns, which reach this stage through each
+sample's json. Where a row has one (and ``use_laion_scores``), its threshold is applied to
+LAION's value instead of the model's; rows without it fall back to the model. LAION's
+similarity is OpenAI ViT-B/32's, so ``min_clip_sim`` then compares two different models'
+cosines unless ``clip_model`` is ViT-B-32 with ``openai`` weights (the stage warns when a run
+mixes the two sources with another model).
 
 Exactly once (:mod:`data_prep.partitions`): outputs are partitioned by input shard; a shard
 counts as done only when its files hold exactly as many rows as its input (parquet footers).
@@ -26,7 +40,9 @@ A rerun deletes incomplete shard directories (a crash mid-write leaves those) an
 only the missing shards, so no row is lost or written twice.
 
 Counts: ``rows_in``, ``rows_out``, ``rejected``, ``rejected_by_reason`` (a row counts once per
-reason it fails), ``skipped`` (heads not configured), ``shards``, ``shards_resumed``, ``rows_per_s``.
+reason it fails), ``skipped`` (heads not configured), ``scores_from_laion`` and
+``scores_computed`` (per score, the decoded rows whose threshold used LAION's value or the
+model's), ``shards``, ``shards_resumed``, ``rows_per_s``.
 """
 
 from __future__ import annotations
@@ -62,8 +78,12 @@ from pipeline.store import Artifact
 
 log = logging.getLogger("genmodels")
 
-REASONS = ("decode_error", "too_large", "too_small", "bad_aspect", "clip_sim", "aesthetic", "pwatermark", "punsafe",
-           "caption_empty", "caption_short", "caption_long", "caption_language", "dup_exact", "dup_near")
+REASONS = ("decode_error", "too_large", "too_small", "bad_aspect", "blank", "clip_sim", "aesthetic", "pwatermark",
+           "punsafe", "caption_empty", "caption_short", "caption_long", "caption_language", "dup_exact", "dup_near")
+IMAGE_ERRORS = ("decode_error", "too_large")  # set in ``image_error``; no other image check runs then
+# Each score's LAION column (canonical names written by the urls stage).
+LAION = {"clip_sim": "laion_similarity", "aesthetic": "laion_aesthetic", "pwatermark": "laion_pwatermark",
+         "punsafe": "laion_punsafe"}
 
 
 @dataclass(frozen=True)
@@ -76,12 +96,26 @@ class FilterConfig(ActorPoolConfig):
     aesthetic_head / watermark_head / nsfw_head: weight files of heads on the CLIP image
         embedding (see :class:`data_prep.models.EmbeddingHead`); empty → that score is not
         computed (null column, listed under ``skipped`` in the counts) and its threshold unused.
-    min_clip_sim: reject below this image-caption cosine similarity (LAION: 0.28).
-    min_aesthetic: reject below this aesthetic score (LAION-Aesthetics: 5.0).
+    min_clip_sim: reject below this image-caption cosine similarity (LAION: 0.28, OpenAI
+        ViT-B/32). Applies to whichever source a row's score has: LAION's ``laion_similarity``
+        where present, else ``clip_model``'s.
+    min_aesthetic: reject below this aesthetic score (LAION-Aesthetics: 5.0; LAION's
+        ``AESTHETIC_SCORE`` where present, else the aesthetic head).
     max_pwatermark / max_punsafe: reject above these probabilities (LAION: 0.5 / 0.99... for
         "unsafe" LAION tagged rather than removed; 0.99 keeps all but the surest).
-    min_side: reject images whose original shorter side is smaller (pixels; paper runs 512).
-    max_aspect_ratio: reject long/short side above this (0: off).
+    min_side: reject (``too_small``) when the shorter side of the stored image or of the
+        original is smaller (pixels; paper runs 512). The stored image is what the shard stage
+        crops from: a 4000x50 banner stored at 256x3 fails on its stored side.
+    max_aspect_ratio: reject (``bad_aspect``) when long/short side of the original or of the
+        stored image is above this (0: off). 3.0 is DataComp's basic filter on LAION-style
+        CommonPool metadata (Gadre et al., 2023: shorter side >= 200 px, aspect <= 3); training
+        crops a centred square, which keeps a third of a 3:1 image and less beyond.
+    max_uniform_fraction: reject (``blank``) stored images of which at least this share of
+        pixels is one colour (:func:`data_prep.images.uniform_fraction`; 0: off). Catches blank
+        placeholders and 16-bit sources that a resizer saturated to white; 0.995 still keeps a
+        small shape on a plain background (the demo's sparsest scenes measure up to 0.991).
+    use_laion_scores: apply the similarity/aesthetic/watermark/unsafe thresholds to the input's
+        ``laion_*`` values where present (see the module notes), the model's elsewhere.
     min_caption_words / max_caption_chars: caption length bounds after cleanup
         (0 words is always rejected as ``caption_empty``).
     min_latin_fraction: reject captions with a smaller share of Latin-script letters (0: off).
@@ -108,7 +142,9 @@ class FilterConfig(ActorPoolConfig):
     max_pwatermark: float = 0.5
     max_punsafe: float = 0.99
     min_side: int = 512
-    max_aspect_ratio: float = 0.0
+    max_aspect_ratio: float = 3.0
+    max_uniform_fraction: float = 0.995
+    use_laion_scores: bool = True
     min_caption_words: int = 1
     max_caption_chars: int = 1000
     min_latin_fraction: float = 0.5
@@ -126,6 +162,10 @@ class FilterConfig(ActorPoolConfig):
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
         if not 0.0 <= self.near_dup_threshold <= 1.0:
             raise ValueError(f"near_dup_threshold: must be in [0, 1] (0: off), got {self.near_dup_threshold}")
+        if not 0.0 <= self.max_uniform_fraction <= 1.0:
+            raise ValueError(f"max_uniform_fraction: must be in [0, 1] (0: off), got {self.max_uniform_fraction}")
+        if self.max_aspect_ratio and self.max_aspect_ratio < 1.0:
+            raise ValueError(f"max_aspect_ratio: must be >= 1 (long/short side; 0: off), got {self.max_aspect_ratio}")
         if self.cpus_per_task <= 0:
             raise ValueError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
         self.validate_pool()
@@ -147,10 +187,23 @@ def _transform(model: str, pretrained: str | None):
     return clip_transform(model, pretrained)
 
 
+def laion_score(value: Any) -> float:
+    """A ``laion_*`` value from a sample's json as a float; NaN when absent or not a number."""
+    try:
+        return float(value) if value is not None else np.nan
+    except (TypeError, ValueError):
+        return np.nan
+
+
 def prepare(batch: dict[str, Any], *, model: str, pretrained: str | None, path_to_shard: dict[str, str],
             max_pixels: int) -> dict[str, Any]:
     """Raw webdataset rows → metadata columns + CLIP-ready ``pixels`` (float16); never raises
-    on a bad image or caption (the row is kept and flagged in ``image_error``)."""
+    on a bad image or caption (the row is kept and flagged in ``image_error``).
+
+    ``width``/``height`` are the stored image's, read from its header (the file is the truth;
+    the json's copy is not needed); ``orig_width``/``orig_height`` are img2dataset's source size
+    when the json has it. ``laion_*`` columns are NaN where absent (nulls in ``rows/``).
+    """
     import torch  # lazy: only the prep workers need torch
 
     torch.set_num_threads(1)
@@ -158,37 +211,45 @@ def prepare(batch: dict[str, Any], *, model: str, pretrained: str | None, path_t
     transform = _transform(model, pretrained)
     size = transform.transforms[0].size if hasattr(transform.transforms[0], "size") else None
     draft = size if isinstance(size, int) else None
-    pixels, errors, ow, oh, sha = [], [], [], [], []
+    pixels, errors, sw, sh, ow, oh, uniform, sha = [], [], [], [], [], [], [], []
     blank = None
     for data, meta in zip(cols["data"], cols["meta"]):
         sha.append(meta.get("sha256") or images.content_hash(data))
+        w, h = int(meta.get("width") or 0), int(meta.get("height") or 0)
         w0, h0 = meta.get("original_width"), meta.get("original_height")
+        u = np.nan
         try:
-            if not (w0 and h0):  # not an img2dataset tar: the header has the original size
-                w0, h0 = images.open_image(data, max_pixels).size
-            img = images.decode_rgb(data, max_pixels, draft=draft)
+            opened = images.open_image(data, max_pixels)
+            w, h = opened.size
+            w0, h0 = (w0, h0) if (w0 and h0) else (w, h)  # not an img2dataset tar: the file is the original
+            img = images.load_rgb(opened, draft=draft)
+            u = images.uniform_fraction(img)
             x = transform(img).numpy().astype(np.float16)
             blank = np.zeros_like(x) if blank is None else blank
             errors.append("")
         except images.BadImage as e:
-            x, w0, h0 = None, w0 or 0, h0 or 0
+            x = None
             errors.append(e.reason)
         pixels.append(x)
+        sw.append(w)
+        sh.append(h)
         ow.append(int(w0 or 0))
         oh.append(int(h0 or 0))
+        uniform.append(u)
     if blank is None:  # every image in the batch was bad: shape from a dummy image
         blank = np.zeros_like(transform(Image.new("RGB", (8, 8))).numpy(), dtype=np.float16)
     caps = cols["caption"]
     return {
         "shard": np.array(cols["shard"], dtype=object), "key": np.array(cols["key"], dtype=object),
         "sample_id": np.array(cols["sample_id"], dtype=object), "caption": np.array(caps, dtype=object),
-        "width": np.array([int(m.get("width") or 0) for m in cols["meta"]], dtype=np.int32),
-        "height": np.array([int(m.get("height") or 0) for m in cols["meta"]], dtype=np.int32),
+        "width": np.array(sw, dtype=np.int32), "height": np.array(sh, dtype=np.int32),
         "orig_width": np.array(ow, dtype=np.int32), "orig_height": np.array(oh, dtype=np.int32),
+        "uniform_fraction": np.array(uniform, dtype=np.float32),
         "sha256": np.array(sha, dtype=object), "image_error": np.array(errors, dtype=object),
         "caption_words": np.array([len(c.split()) for c in caps], dtype=np.int32),
         "caption_chars": np.array([len(c) for c in caps], dtype=np.int32),
         "caption_latin": np.array([images.latin_fraction(c) for c in caps], dtype=np.float32),
+        **{col: np.array([laion_score(m.get(col)) for m in cols["meta"]], dtype=np.float32) for col in LAION.values()},
         "pixels": np.stack([blank if x is None else x for x in pixels]) if pixels else blank[None][:0],
     }
 
@@ -216,19 +277,49 @@ def score(download: Artifact, shards: list[str], path_to_shard: dict[str, str], 
 # ---------------------------------------------------------------------------------------------
 
 
-def reasons_for(t: pa.Table, cfg: FilterConfig) -> list[list[str]]:
-    """Threshold reasons per row (dedup reasons are added by :func:`decide`)."""
+def floats(t: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` as float64 with NaN for nulls (all NaN when the column is absent)."""
+    if name not in t.column_names:
+        return np.full(t.num_rows, np.nan)
+    return pc.fill_null(t.column(name).cast(pa.float64()), np.nan).to_numpy()
+
+
+def decision_scores(t: pa.Table, cfg: FilterConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per score in :data:`LAION`, the values its threshold is applied to (NaN: none), and per
+    score and row whether that value is LAION's (bool array, scores x rows).
+
+    LAION's value wins where present (and ``use_laion_scores``); the model's fills the rest.
+    Rows with an image error use neither (no image check runs on them).
+    """
+    decoded = np.array([not e for e in t.column("image_error").to_pylist()], dtype=bool)
+    values, from_laion = {}, []
+    for name, laion_col in LAION.items():
+        laion, model = floats(t, laion_col), floats(t, name)
+        use = decoded & ~np.isnan(laion) & cfg.use_laion_scores
+        values[name] = np.where(use, laion, model)
+        from_laion.append(use)
+    return values, np.array(from_laion, dtype=bool).reshape(len(LAION), t.num_rows)
+
+
+def reasons_for(t: pa.Table, cfg: FilterConfig, scores: dict[str, np.ndarray] | None = None) -> list[list[str]]:
+    """Threshold reasons per row (dedup reasons are added by :func:`decide`).
+
+    Size and aspect look at both the stored image (``width``/``height``) and the original
+    (``orig_*``): a source resized on download keeps its aspect but can end up far smaller.
+    """
     def col(name):
         return t.column(name).to_numpy(zero_copy_only=False)
 
     err = t.column("image_error").to_pylist()
-    w, h = col("orig_width"), col("orig_height")
-    short, long_ = np.minimum(w, h), np.maximum(w, h)
-    aspect = long_ / np.maximum(short, 1)
-    words, chars, latin, sim = col("caption_words"), col("caption_chars"), col("caption_latin"), col("clip_sim")
-    heads = {"aesthetic": ("<", cfg.min_aesthetic), "pwatermark": (">", cfg.max_pwatermark),
-             "punsafe": (">", cfg.max_punsafe)}
-    head_vals = {k: t.column(k).to_pylist() for k in heads}
+    sizes = [(col("width"), col("height")), (col("orig_width"), col("orig_height"))]
+    short = np.minimum.reduce([np.minimum(w, h) for w, h in sizes])
+    aspect = np.maximum.reduce([np.maximum(w, h) / np.maximum(np.minimum(w, h), 1) for w, h in sizes])
+    uniform = floats(t, "uniform_fraction")
+    words, chars, latin = col("caption_words"), col("caption_chars"), col("caption_latin")
+    scores = decision_scores(t, cfg)[0] if scores is None else scores
+    limits = {"clip_sim": ("<", cfg.min_clip_sim), "aesthetic": ("<", cfg.min_aesthetic),
+              "pwatermark": (">", cfg.max_pwatermark), "punsafe": (">", cfg.max_punsafe)}
+    fails = {name: (scores[name] < thr) if op == "<" else (scores[name] > thr) for name, (op, thr) in limits.items()}
     out = []
     for i in range(t.num_rows):
         r = []
@@ -239,12 +330,9 @@ def reasons_for(t: pa.Table, cfg: FilterConfig) -> list[list[str]]:
                 r.append("too_small")
             if cfg.max_aspect_ratio and aspect[i] > cfg.max_aspect_ratio:
                 r.append("bad_aspect")
-            if sim[i] < cfg.min_clip_sim:
-                r.append("clip_sim")
-            for name, (op, thr) in heads.items():
-                v = head_vals[name][i]
-                if v is not None and (v < thr if op == "<" else v > thr):
-                    r.append(name)
+            if cfg.max_uniform_fraction and uniform[i] >= cfg.max_uniform_fraction:
+                r.append("blank")
+            r += [name for name, f in fails.items() if f[i]]  # NaN (not scored) never fails
         if words[i] == 0:
             r.append("caption_empty")
         elif words[i] < cfg.min_caption_words:
@@ -257,6 +345,24 @@ def reasons_for(t: pa.Table, cfg: FilterConfig) -> list[list[str]]:
     return out
 
 
+def with_decision_scores(t: pa.Table, scores: dict[str, np.ndarray], from_laion: np.ndarray) -> pa.Table:
+    """Score columns replaced by the values the decision used, ``laion_*`` inputs with nulls
+    for absent values, and ``laion_scores`` naming the scores that came from LAION."""
+    def nullable(x):
+        return pa.array(x.astype(np.float32), mask=np.isnan(x))
+
+    for name, x in scores.items():
+        t = t.set_column(t.column_names.index(name), name, nullable(x)) if name in t.column_names else \
+            t.append_column(name, nullable(x))
+    for col in LAION.values():
+        x = floats(t, col)
+        t = t.set_column(t.column_names.index(col), col, nullable(x)) if col in t.column_names else \
+            t.append_column(col, nullable(x))
+    names = list(LAION)
+    used = [",".join(n for n, u in zip(names, row) if u) for row in from_laion.T]
+    return t.append_column("laion_scores", pa.array(used, pa.string()))
+
+
 def decide(group: pa.Table, *, cfg: FilterConfig) -> pa.Table:
     """One cluster: thresholds, then exact and near duplicates among the rows that pass them.
 
@@ -265,7 +371,8 @@ def decide(group: pa.Table, *, cfg: FilterConfig) -> pa.Table:
     ``near_dup_threshold`` (SemDeDup, Abbas et al. 2023, §3). The first of a group is kept.
     """
     group = group.sort_by([("shard", "ascending"), ("key", "ascending")])
-    reasons = reasons_for(group, cfg)
+    scores, from_laion = decision_scores(group, cfg)
+    reasons = reasons_for(group, cfg, scores)
     keys, sha = group.column("key").to_pylist(), group.column("sha256").to_pylist()
     dup_of = [""] * group.num_rows
     cand = [i for i, r in enumerate(reasons) if not r]
@@ -278,7 +385,7 @@ def decide(group: pa.Table, *, cfg: FilterConfig) -> pa.Table:
         for i, j in dedup.near_duplicates(dedup.embeddings(group.take(rest)), cfg.near_dup_threshold).items():
             reasons[rest[i]].append("dup_near")
             dup_of[rest[i]] = keys[rest[j]]
-    group = group.drop_columns(["embedding"])
+    group = with_decision_scores(group.drop_columns(["embedding"]), scores, from_laion)
     group = group.append_column("dup_of", pa.array(dup_of, pa.string()))
     group = group.append_column("reject", pa.array([",".join(r) for r in reasons], pa.string()))
     return group.append_column("keep", pa.array([not r for r in reasons], pa.bool_()))
@@ -306,6 +413,37 @@ def decide_all(out: Artifact, expected: dict[str, int], pending: list[str], cfg:
 # ---------------------------------------------------------------------------------------------
 
 
+TALLY_KEYS = ["shard", "reject", "laion_scores"]
+
+
+def summarize(tallies: list[dict[str, Any]], expected: dict[str, int],
+              cfg: FilterConfig) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """(shard → (rows, kept), counts) from row counts per distinct :data:`TALLY_KEYS`."""
+    by_reason: Counter = Counter()
+    from_laion: Counter = Counter()
+    per_shard: dict[str, list[int]] = {s: [0, 0] for s in expected}
+    for row in tallies:
+        n = row["count_all"]
+        per_shard[row["shard"]][0] += n
+        if row["reject"]:
+            by_reason.update({r: n for r in row["reject"].split(",")})
+        else:
+            per_shard[row["shard"]][1] += n
+        if row["laion_scores"]:
+            from_laion.update({name: n for name in row["laion_scores"].split(",")})
+    rows_in = sum(expected.values())
+    kept = sum(v[1] for v in per_shard.values())
+    decoded = rows_in - sum(by_reason[r] for r in IMAGE_ERRORS)  # an undecodable row has exactly one of these
+    modelled = ["clip_sim"] + [k for k, v in cfg.heads().items() if v]
+    counts = {"rows_in": rows_in, "rows_out": kept, "rejected": rows_in - kept,
+              "rejected_by_reason": {r: by_reason[r] for r in REASONS if by_reason.get(r)} |
+                                    {r: n for r, n in by_reason.items() if r not in REASONS},
+              "skipped": [k for k, v in cfg.heads().items() if not v],
+              "scores_from_laion": {k: from_laion[k] for k in LAION},
+              "scores_computed": {k: decoded - from_laion[k] if k in modelled else 0 for k in LAION}}
+    return {s: (v[0], v[1]) for s, v in per_shard.items()}, counts
+
+
 def run(inputs: dict[str, Artifact], cfg: FilterConfig, out: Artifact) -> dict[str, Any]:
     download = inputs["download"]
     expected, path_to_shard = tar_shards(download)
@@ -329,28 +467,21 @@ def run(inputs: dict[str, Artifact], cfg: FilterConfig, out: Artifact) -> dict[s
             raise RuntimeError(f"filter: rows incomplete after the pass for shards {still[:5]}")
     wall = time.time() - t0
 
-    by_reason: Counter = Counter()
-    per_shard: dict[str, list[int]] = {s: [0, 0] for s in expected}
+    tallies = []
     if any(expected.values()):
-        tallies = (read_by_shard(out, "rows", ["shard", "reject"])
-                   .map_batches(tally, batch_format="pyarrow", fn_kwargs={"keys": ["shard", "reject"]}).take_all())
-        for row in tallies:
-            n = row["count_all"]
-            per_shard[row["shard"]][0] += n
-            if row["reject"]:
-                by_reason.update({r: n for r in row["reject"].split(",")})
-            else:
-                per_shard[row["shard"]][1] += n
-    write_shards(out, {s: (v[0], v[1]) for s, v in per_shard.items()})
-
-    rows_in = sum(expected.values())
-    kept = sum(v[1] for v in per_shard.values())
-    skipped = [k for k, v in cfg.heads().items() if not v]
-    counts = {"rows_in": rows_in, "rows_out": kept, "rejected": rows_in - kept,
-              "rejected_by_reason": {r: by_reason[r] for r in REASONS if by_reason.get(r)} |
-                                    {r: n for r, n in by_reason.items() if r not in REASONS},
-              "skipped": skipped, "shards": len(expected), "shards_resumed": len(expected) - len(todo_rows),
-              "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
-    log.info("[filter] summary: rows in %d, rows out %d, rejected %s, skipped %s, %.1f rows/s", rows_in, kept,
-             json.dumps(counts["rejected_by_reason"]), skipped or "nothing", counts["rows_per_s"] or 0.0)
+        tallies = (read_by_shard(out, "rows", TALLY_KEYS)
+                   .map_batches(tally, batch_format="pyarrow", fn_kwargs={"keys": TALLY_KEYS}).take_all())
+    per_shard, counts = summarize(tallies, expected, cfg)
+    write_shards(out, per_shard)
+    counts |= {"shards": len(expected), "shards_resumed": len(expected) - len(todo_rows),
+               "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
+    used = {k: n for k, n in counts["scores_from_laion"].items() if n}
+    mixed = used.get("clip_sim") and counts["scores_computed"]["clip_sim"]
+    if mixed and (cfg.clip_model, cfg.clip_pretrained) != ("ViT-B-32", "openai"):
+        log.warning("[filter] min_clip_sim %.3f applies to LAION's (OpenAI ViT-B/32) similarity on %d rows and "
+                    "to %s's on %d rows: two models' scales", cfg.min_clip_sim, used["clip_sim"], cfg.clip_model,
+                    counts["scores_computed"]["clip_sim"])
+    log.info("[filter] summary: rows in %d, rows out %d, rejected %s, skipped %s, LAION scores used %s, %.1f rows/s",
+             counts["rows_in"], counts["rows_out"], json.dumps(counts["rejected_by_reason"]),
+             counts["skipped"] or "nothing", json.dumps(used) if used else "nowhere", counts["rows_per_s"] or 0.0)
     return counts

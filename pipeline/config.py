@@ -8,16 +8,21 @@ A pipeline config file has three sections::
 
 Each stage owns one frozen dataclass (declared next to its code); validation turns the YAML
 into those dataclasses before any cluster work starts, and every error is one line naming
-the key: ``stages.download.image_size: expected int, got 'big'``.
+the key: ``stages.download.image_size: expected int, got 'big'``, or for a misspelt one
+``stages.download.image_sise: unknown key (did you mean 'image_size'?; known keys: ...)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import socket
 import types
 import typing
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +68,7 @@ def build(cls: type, data: Any, where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+        raise unknown_name(f"{where}.{unknown[0]}", unknown[0], "key", known)
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}"
@@ -81,6 +86,15 @@ def build(cls: type, data: Any, where: str) -> Any:
         except ValueError as e:
             raise ConfigError(f"{where}.{e}") from e
     return obj
+
+
+def unknown_name(key: str, name: Any, kind: str, known: Iterable[str]) -> ConfigError:
+    """``<key>: unknown <kind> (did you mean 'x'?; known <kind>s: ...)``, the hint when one is close."""
+    known = sorted(known)
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    hint = f"did you mean {by_lower[close[0]]!r}?; " if close else ""
+    return ConfigError(f"{key}: unknown {kind} ({hint}known {kind}s: {', '.join(known)})")
 
 
 def check(checks: list[tuple[str, bool, str]]) -> None:
@@ -205,19 +219,75 @@ def load(path: str | None, overrides: list[str], stage_configs: dict[str, type])
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: expected a mapping at the top level")
     over = parse_overrides(overrides)
+    sections = ("run", "ray", "stages")
+    moved = set()  # `download.x=1` means `stages.download.x=1`
     for k in list(over):
-        if k not in ("run", "ray", "stages"):
+        if k not in sections:
             over.setdefault("stages", {})[k] = _merge(over.get("stages", {}).get(k, {}), over.pop(k))
+            moved.add(k)
     raw = _merge(raw, over)
-    unknown = sorted(set(raw) - {"run", "ray", "stages"})
+    unknown = sorted(set(raw) - set(sections), key=str)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section (known: run, ray, stages, or a stage name)")
+        if unknown[0] in stage_configs:
+            raise ConfigError(f"{unknown[0]}: a stage's settings go under 'stages:' (stages.{unknown[0]})")
+        raise unknown_name(str(unknown[0]), unknown[0], "section", sections)
     stages_raw = raw.get("stages") or {}
     if not isinstance(stages_raw, dict):
         raise ConfigError("stages: expected a mapping of stage name to settings")
-    bad = sorted(set(stages_raw) - set(stage_configs))
+    bad = sorted(set(stages_raw) - set(stage_configs), key=str)
     if bad:
-        raise ConfigError(f"stages.{bad[0]}: unknown stage (known: {', '.join(stage_configs)})")
+        if bad[0] in moved and difflib.get_close_matches(bad[0], sections, n=1, cutoff=0.6):  # `rn.root=x`
+            raise unknown_name(bad[0], bad[0], "section", sections)
+        raise unknown_name(f"stages.{bad[0]}", bad[0], "stage", stage_configs)
     stages = {name: build(cls, stages_raw.get(name), f"stages.{name}") for name, cls in stage_configs.items()}
     return PipelineConfig(run=build(RunConfig, raw.get("run"), "run"),
                           ray=build(RayConfig, raw.get("ray"), "ray"), stages=stages)
+
+
+# Set by `ray job submit` for the entrypoint: its runtime_env names the uploaded working dir.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def is_remote_address(address: str | None) -> bool:
+    """Whether a Ray address (``RAY_ADDRESS`` / ``ray.address``) names another machine than this one:
+    not empty, ``auto``/``local``, loopback, or one of this host's own names and addresses."""
+    if not address or address in ("auto", "local"):
+        return False
+    try:
+        host = urllib.parse.urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    except ValueError:
+        return True
+    if host in ("localhost", "::1", "0.0.0.0", "") or host.startswith("127."):
+        return False
+    try:  # a head started on this machine advertises the machine's own address
+        name = socket.gethostname()
+        own = {name.lower(), *socket.gethostbyname_ex(name)[2]}
+    except OSError:
+        own = set()
+    return host not in own
+
+
+def check_run_root(cfg: PipelineConfig, environ: Mapping[str, str]) -> None:
+    """Refuse a relative ``run.root`` where it would not land where the user looks for it.
+
+    Under ``ray job submit --working-dir`` the entrypoint runs in a copy of the working dir inside
+    Ray's session dir, which is deleted with the session; on a remote cluster a relative path is
+    also a different directory on every node. An absolute path (a shared filesystem) or s3:// is
+    fine everywhere.
+    """
+    root = cfg.run.root
+    if root.startswith("s3://") or os.path.isabs(os.path.expanduser(root.removeprefix("file://"))):
+        return
+    address = environ.get("RAY_ADDRESS") or cfg.ray.address
+    try:
+        job_dir = (json.loads(environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        job_dir = None
+    fix = "use s3://... or an absolute path every node shares"
+    if is_remote_address(address):
+        named = "RAY_ADDRESS" if environ.get("RAY_ADDRESS") else "ray.address"
+        raise ConfigError(f"run.root: relative path {root!r} under a remote Ray cluster ({named}={address}) "
+                          f"would be written inside the job's working dir on the head node and lost; {fix}")
+    if job_dir:
+        raise ConfigError(f"run.root: relative path {root!r} under `ray job submit --working-dir` would be written "
+                          f"inside the job's copy of the working dir in Ray's session dir and lost; {fix}")

@@ -11,11 +11,15 @@ command resumes where the last run stopped. This file is the table of contents.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import os
+import secrets
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,6 +54,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # key=value overrides may stand before or after the flags
 
 
+def local_ray_auth_env(environ: Mapping[str, str], home: str) -> dict[str, str]:
+    """What to set before ``ray.init`` starts a local Ray so that it leaves ``~/.ray`` as it was.
+
+    Ray 2.60 turns token auth on for a new local cluster when ``RAY_AUTH_MODE`` is unset and, with no
+    token anywhere, writes a new one to ``~/.ray/auth_token``. That file outlives the run: every
+    later ``ray start`` turns token auth on because of it, and ``ray status`` / ``ray job submit``
+    against another cluster fail with ``InvalidAuthToken``. A token in ``RAY_AUTH_TOKEN`` (this
+    process and the Ray it starts only) keeps token auth on for the local cluster and writes
+    nothing. A mode or token the user chose (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``, an existing ``~/.ray/auth_token``) is left alone.
+    """
+    if environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return {}
+    if environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH"):
+        return {}
+    if os.path.exists(os.path.join(home, ".ray", "auth_token")):
+        return {}
+    return {"RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 def init_ray(cfg: config_mod.PipelineConfig) -> None:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or start a local Ray."""
     import ray
@@ -59,9 +83,21 @@ def init_ray(cfg: config_mod.PipelineConfig) -> None:
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ} | dict(cfg.ray.env)
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     kwargs = {} if address else {"num_cpus": cfg.ray.num_cpus, "include_dashboard": False}
+    token_file = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    had_token_file = os.path.exists(token_file)
+    if not address or address == "local":  # this process starts the Ray
+        os.environ.update(local_ray_auth_env(os.environ, os.path.expanduser("~")))
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
+    if not had_token_file and os.path.exists(token_file):  # a Ray that ignores RAY_AUTH_TOKEN: undo at exit
+        atexit.register(_remove_token_file, token_file)
     log.info("ray: %s (%s CPUs, %s GPUs)", address or "local", ray.cluster_resources().get("CPU", 0),
              ray.cluster_resources().get("GPU", 0))
+
+
+def _remove_token_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+        log.info("ray: removed %s, which this run's local Ray created", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_cfgs = {s.name: s.config for s in STAGES}
     try:
         cfg = config_mod.load(args.config, args.overrides, stage_cfgs)
+        config_mod.check_run_root(cfg, os.environ)  # before Store(), which creates a local root
         store = Store(cfg.run.root)
         store.check_writable()
         only = set(args.stages.split(",")) if args.stages else None

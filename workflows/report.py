@@ -51,7 +51,7 @@ def funnel(arts: dict[str, Artifact]) -> list[dict[str, Any]]:
         if art is None or not art.manifest:
             continue
         c = art.manifest.get("counts", {})
-        reasons = next((c[k] for k in ("rejected_by_reason", "failed_by_reason", "rejected")
+        reasons = next((c[k] for k in ("rejected_by_reason", "failed_by_reason", "dropped_by_reason", "rejected")
                         if isinstance(c.get(k), dict)), {})
         rows.append({"stage": name, "in": c.get("rows_in", c.get("rows")), "out": c.get("rows_out", c.get("rows")),
                      "rejected": reasons})

@@ -31,7 +31,7 @@ from data_prep.splits import row_ids, subset_mask
 from pipeline.store import Artifact
 
 __all__ = ["TRAIN", "HELDOUT", "SPLIT_COLUMN", "columns", "image_columns", "image_column", "decode",
-           "captions", "select", "read", "read_parquet", "read_table", "head", "split_ids"]
+           "captions", "select", "read", "materialized", "read_parquet", "read_table", "head", "split_ids"]
 
 _IMAGE = re.compile(r"^(jpg|jpeg|png|webp)_(\d+)$")
 SPLITS = (TRAIN, HELDOUT)
@@ -144,7 +144,14 @@ def read(shard: Artifact, *, split: str = TRAIN, carry: Iterable[str] = (), reso
     ds = ray.data.read_parquet(paths or shard.uri, filesystem=shard.fs, columns=cols, file_extensions=["parquet"])
     ds = ds.map_batches(select, batch_format="numpy", fn_kwargs={
         "split": split, "fraction": fraction, "caption_column": caption_column, "decode_to": decode_to})
-    return ds.materialize() if in_memory else ds
+    return materialized(ds) if in_memory else ds
+
+
+def materialized(ds):
+    """``ds`` computed once into Ray's object store, its blocks in a fixed order, so that a rerun
+    of the stage trains on the same row order (exact resume across commands, not only within one)."""
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
 
 
 def read_parquet(art: Artifact, columns_: list[str], subdir: str = "", in_memory: bool = False):

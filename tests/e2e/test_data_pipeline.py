@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 N_GOOD = 16
 DOWNLOAD = {"rows_per_partition": 12, "rows_per_shard": 6, "image_size": 256, "min_image_size": 16, "threads": 4,
-            "cpus_per_task": 0.5, "timeout_s": 5}
+            "cpus_per_task": 0.5, "timeout_s": 5, "allow_networks": ["127.0.0.1/32"]}  # the site is on loopback
 # Tiny random CLIP: similarities are meaningless, so the threshold keeps everything and near-dup
 # detection only catches (almost) identical embeddings. That is configuration, not faking.
 FILTER = {"clip_model": "tiny-clip", "clip_pretrained": None, "min_clip_sim": -1.0, "min_side": 32, "batch_size": 8,
@@ -127,6 +127,10 @@ def test_download_accounts_for_every_row_by_reason(downloaded, site):
         assert (status == "success") == (expected not in EXPECTED_REASON), (sample_id, expected, status)
     index = download.read_index(art)
     assert sum(r["ok"] for r in index) == counts["rows_out"] and all(art.exists(r["tar"]) for r in index)
+    # Through Ray too, every partition reports its img2dataset workers' peak RSS.
+    commits = [art.read_json(f"parts/{p:05d}/{download.COMMIT}") for p in range(counts["partitions"])]
+    assert all(c["peak_rss_mb"] >= c["base_rss_mb"] > 0 for c in commits)
+    assert counts["peak_rss_mb"] == max(c["peak_rss_mb"] for c in commits)
 
 
 def test_download_rerun_after_crash_completes_only_missing(downloaded, site):

@@ -148,6 +148,7 @@ def test_crash_then_rerun_resumes_from_partial_files(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (["a.nn=1"], "stages.a.nn: unknown key"),
+    (["a.scal=2"], "stages.a.scal: unknown key (did you mean 'scale'"),
     (["a.n=big"], "stages.a.n: expected int, got 'big'"),
     (["a.n=true"], "stages.a.n: expected int"),
     (["zzz.n=1"], "stages.zzz: unknown stage"),

@@ -45,6 +45,7 @@ def test_bad_config_names_the_key(cls, data, message):
 def test_defaults_are_valid_and_laion_like():
     f = build(filt.FilterConfig, {}, "stages.filter")
     assert (f.min_clip_sim, f.min_aesthetic, f.max_pwatermark, f.max_punsafe, f.min_side) == (0.28, 5.0, 0.5, 0.99, 512)
+    assert (f.max_aspect_ratio, f.max_uniform_fraction, f.use_laion_scores) == (3.0, 0.995, True)
     assert f.heads() == {"aesthetic": None, "pwatermark": None, "punsafe": None}
     build(download.DownloadConfig, {}, "stages.download")
     build(recaption.RecaptionConfig, {}, "stages.recaption")
@@ -117,6 +118,7 @@ def _scores(n=6, dim=8, seed=0):
         "shard": ["00000_00000"] * n, "key": [f"00000_{i:06d}" for i in range(n)],
         "image_error": ["", "", "", "", "", "decode_error"],
         "orig_width": [600, 600, 100, 600, 100, 0], "orig_height": [600, 700, 900, 600, 900, 0],
+        "width": [600, 600, 100, 600, 100, 0], "height": [600, 700, 900, 600, 900, 0],
         "caption_words": [3, 3, 3, 0, 3, 3], "caption_chars": [10] * n, "caption_latin": [1.0] * n,
         "clip_sim": [0.3, 0.4, 0.5, 0.4, 0.5, 0.0], "sha256": sha,
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
@@ -130,11 +132,12 @@ def test_decide_reasons_and_duplicates():
     out = filt.decide(_scores(), cfg=cfg)
     assert "embedding" not in out.column_names
     got = dict(zip(out.column("key").to_pylist(), out.column("reject").to_pylist()))
-    assert got == {"00000_000000": "", "00000_000001": "aesthetic", "00000_000002": "too_small",
-                   "00000_000003": "caption_empty", "00000_000004": "too_small", "00000_000005": "decode_error"}
+    assert got == {"00000_000000": "", "00000_000001": "aesthetic", "00000_000002": "too_small,bad_aspect",
+                   "00000_000003": "caption_empty", "00000_000004": "too_small,bad_aspect",
+                   "00000_000005": "decode_error"}
     # Duplicates are judged among rows that pass every threshold.
-    cfg = build(filt.FilterConfig, {"min_side": 0, "min_aesthetic": 0.0, "near_dup_threshold": 0.95,
-                                    "min_caption_words": 0}, "f")
+    cfg = build(filt.FilterConfig, {"min_side": 0, "max_aspect_ratio": 0, "min_aesthetic": 0.0,
+                                    "near_dup_threshold": 0.95, "min_caption_words": 0}, "f")
     t = _scores()
     t = t.set_column(t.column_names.index("caption_words"), "caption_words", pa.array([3] * 6, pa.int32()))
     out = filt.decide(t, cfg=cfg)
@@ -144,7 +147,8 @@ def test_decide_reasons_and_duplicates():
     assert rows["00000_000003"] == ("dup_near", "00000_000001")
     assert out.column("keep").to_pylist() == [True, True, True, False, False, False]
     # Heads that are not configured (null) never reject.
-    cfg = build(filt.FilterConfig, {"min_side": 0, "near_dup_threshold": 0.0, "dedup_exact": False}, "f")
+    cfg = build(filt.FilterConfig, {"min_side": 0, "max_aspect_ratio": 0, "near_dup_threshold": 0.0,
+                                    "dedup_exact": False}, "f")
     t = t.set_column(t.column_names.index("aesthetic"), "aesthetic", pa.nulls(6, pa.float32()))
     assert filt.decide(t, cfg=cfg).column("keep").to_pylist() == [True] * 5 + [False]
 

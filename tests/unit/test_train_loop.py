@@ -1,6 +1,7 @@
 """The training loop in-process (no Ray): engines, accumulation, EMA, resume, data position, export."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -22,16 +23,22 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _run(tmp_path, name, cfg, spec=None, rows=ROWS, shuffle_seed=0):
+def _run(tmp_path, name, cfg, spec=None, rows=ROWS, shuffle_seed=0, data=None):
     out = Store(str(tmp_path / name)).artifact("train", "k")
-    summary = loop.run(spec or synthetic.spec(), cfg, out, checkpoints=DirCheckpoints(out, cfg.ckpt_keep),
-                       data=synthetic.numpy_source(rows, 5, shuffle_seed))  # 5: the loop must re-batch
+    data = data or synthetic.numpy_source(rows, 5, shuffle_seed)  # 5: the loop must re-batch
+    summary = loop.run(spec or synthetic.spec(), cfg, out, checkpoints=DirCheckpoints(out, cfg.ckpt_keep), data=data)
     return out, summary
 
 
 def _records(record_dir):
     with open(record_dir / "rank0.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def _max_dw(out_a, out_b, names=("denoiser",)):
+    """max |w_a - w_b| over the raw and EMA weights of ``names``."""
+    return max(float((a[k] - b[k]).abs().max()) for n in names for raw in (False, True)
+               for a, b in [(load_weights(out_a, n, raw), load_weights(out_b, n, raw))] for k in a)
 
 
 def test_config_validation_and_derived_values():
@@ -128,6 +135,66 @@ def test_resume_after_a_failure_is_exact(tmp_path):
     assert second_try[0]["step"] == 10
 
 
+def test_resume_with_a_local_shuffle_buffer_is_exact(tmp_path):
+    """PaGoDA's generator stages: two optimizer groups (two DeepSpeed engines), noise from torch's
+    global RNG, a collate drawing from numpy's and python's, rows read through a local shuffle
+    buffer reseeded every epoch. Killed at step 8 and resumed from step 5, the run replays epoch 0
+    (same rows, same shuffle, the consumed ones dropped) and ends where an unbroken run ends. The
+    old resume, which drops the consumed rows before the buffer (still used when an epoch cannot be
+    replayed: another worker count, deterministic_data=False), reorders the rest and drifts."""
+    def spec(rec, **kw):
+        (tmp_path / rec).mkdir()
+        return synthetic.spec(two_groups=True, record_dir=str(tmp_path / rec), fail_rank=0,
+                              collate=synthetic.noisy_collate, **kw)
+
+    def data():
+        return synthetic.numpy_source(ROWS, 5, shuffle_buffer=64)
+
+    cfg = _cfg(zero_stage=2, total_steps=16)  # 12 steps an epoch: the resumed run crosses into epoch 1
+    out_a, _ = _run(tmp_path, "a", cfg, spec("rec_a"), data=data())
+    for name, c in (("b", cfg), ("c", _cfg(zero_stage=2, total_steps=16, deterministic_data=False))):
+        flag = tmp_path / f"fail_{name}"
+        flag.touch()
+        spec_k = spec(f"rec_{name}", fail_at_step=8, fail_flag=str(flag))
+        with pytest.raises(RuntimeError, match="injected failure at step 8"):
+            _run(tmp_path, name, c, spec_k, data=data())
+        out, s = _run(tmp_path, name, c, spec_k, data=data())
+        assert s["resumed_from_step"] == 5 and s["steps"] == 16 and s["epoch"] == 1
+    out_b, out_c = (Store(str(tmp_path / n)).artifact("train", "k") for n in "bc")
+    assert _max_dw(out_a, out_b, ("denoiser", "critic")) <= 1e-6  # measured: 0.0 (bit-identical)
+    la, lb = ([json.loads(x)["loss"] for x in o.read_bytes("metrics.jsonl").splitlines()] for o in (out_a, out_b))
+    assert la == lb and len(la) == 8  # the loss curve, too
+    rec_a, rec_b, rec_c = (_records(tmp_path / f"rec_{n}") for n in "abc")
+    resumed_b = [r["ids"] for r in rec_b[2 * 8:]]  # after the 8 lost steps (2 micro-batches each)
+    assert resumed_b == [r["ids"] for r in rec_a[2 * 5:]]  # the same rows, in the same order, from step 5 on
+    before = {i for r in rec_c[:2 * 5] for i in r["ids"]}  # epoch 0, before the checkpoint
+    epoch0 = [i for r in rec_c[2 * 8:2 * 8 + 2 * 7] for i in r["ids"]]  # epoch 0 after the restore (steps 5-11)
+    assert not before & set(epoch0) and len(set(epoch0)) == len(epoch0)  # old way: no row twice, but
+    assert _max_dw(out_a, out_c, ("denoiser", "critic")) > 1e-4  # another order, other weights
+
+
+def test_an_unreproducible_order_resumes_correctly_and_says_so(tmp_path, caplog):
+    """A source whose order changes from run to run cannot be replayed: the resumed epoch still
+    trains on no row twice (the consumed ids are dropped wherever they arrive), with a warning."""
+    calls = []
+    base = synthetic.numpy_source(64, 8, shuffle_seed=0)
+
+    def data(epoch, skip):
+        calls.append(skip)
+        return base(epoch + 100 * len(calls), skip)  # another permutation on every call
+
+    (tmp_path / "rec").mkdir()
+    spec = synthetic.spec(record_dir=str(tmp_path / "rec"))
+    cfg = _cfg(engine="torch", grad_accum=1, total_steps=3, ckpt_every=0)
+    _run(tmp_path, "a", cfg, spec, data=data)
+    with caplog.at_level(logging.WARNING, logger="genmodels.train"):
+        _, s = _run(tmp_path, "a", _cfg(engine="torch", grad_accum=1, total_steps=8, ckpt_every=0), spec, data=data)
+    assert s["resumed_from_step"] == 3 and s["epoch"] == 0 and calls == [None, None]  # replayed: the whole epoch
+    ids = [i for r in _records(tmp_path / "rec") for i in r["ids"]]
+    assert sorted(ids) == list(range(64))  # one epoch of 8 steps x 8 rows: every row once
+    assert "data order differs from the interrupted run's" in caplog.text
+
+
 def test_extending_a_finished_run_continues_the_epoch(tmp_path):
     cfg = _cfg(engine="torch", schedule="constant", total_steps=5, ckpt_every=0)
     (tmp_path / "rec").mkdir()
@@ -140,6 +207,11 @@ def test_extending_a_finished_run_continues_the_epoch(tmp_path):
     steps = [json.loads(x)["step"] for x in out.read_bytes("metrics.jsonl").splitlines()]
     assert steps == [2, 4, 5, 6, 8, 10, 12]
     assert out.read_json("ray_train/latest.json")["step"] == 12
+    # Resuming at the very end of an epoch: its replay drops every row, and epoch 1 starts.
+    out, s = _run(tmp_path, "a", _cfg(engine="torch", schedule="constant", total_steps=13, ckpt_every=0), spec)
+    assert s["resumed_from_step"] == 12 and s["epoch"] == 1
+    epoch1 = np.random.default_rng(1).permutation(ROWS)[:16].tolist()  # numpy_source's order of epoch 1
+    assert [i for r in _records(tmp_path / "rec")[-2:] for i in r["ids"]] == epoch1
 
 
 def test_two_groups_under_zero3_match_plain_torch(tmp_path):

@@ -215,7 +215,7 @@ def run_teacher(inputs: dict[str, Artifact], cfg: TeacherConfig, out: Artifact) 
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
                             **actor_resources(pool))
     if cfg.in_memory:  # after the text actor, so that captions are encoded once too
-        ds = ds.materialize()
+        ds = shard_data.materialized(ds)
     return fit(teacher_spec(cfg, unet, text), cfg.train, out, {"train": ds}, meta)
 
 
@@ -290,7 +290,7 @@ def _fit_generator(cfg: DistillConfig, pairs: Artifact, resolution: int, meta: d
                    build_generator: Callable[[], Generator], out: Artifact) -> dict[str, Any]:
     ds = read_pairs(pairs, resolution)
     if cfg.in_memory:
-        ds = ds.materialize()
+        ds = shard_data.materialized(ds)
     preview = ds.take_batch(cfg.train.preview_images, batch_format="numpy")
     spec = generator_spec(cfg, resolution, meta, build_generator, preview)
     return fit(spec, cfg.train, out, {"train": ds}, meta)

@@ -40,6 +40,10 @@ class TrainConfig:
     total_steps: int = 1000
     total_images: int = 0  # > 0 replaces total_steps: ceil(total_images / global_batch) steps
     shuffle_buffer: int = 0  # rows in Ray Data's local shuffle buffer (reseeded every epoch)
+    # Ray Data delivers the training rows in the same order every run (preserve_order; no
+    # locality-aware split), so a resumed run replays its epoch and matches an unbroken run
+    # exactly. False: out-of-order blocks, locality hints; resume then stays correct, not exact.
+    deterministic_data: bool = True
     # Bookkeeping, in steps; 0 means "only at the end".
     log_every: int = 10
     preview_every: int = 0

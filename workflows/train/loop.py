@@ -124,24 +124,23 @@ def _run(spec: TrainSpec, cfg: TrainConfig, out: Artifact, checkpoints: Checkpoi
     models, owner, ema, groups = _build(spec, cfg, device)
     n_params = {n: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for n, m in models.items()}
 
-    st = State()
+    st = State(replay=cfg.deterministic_data)
     with checkpoints.restore() as ckpt:
         if ckpt:
-            checkpoint.load(ckpt, st, groups, ema, rank)
+            checkpoint.load(ckpt, st, groups, ema, rank, cfg, device)
     start_step, start_images = st.step, st.images
     if start_step == 0:
         seed_all(cfg.seed * 1_000_003 + rank + 1)  # per-rank noise from here on
     mlog = export.MetricsLog(out, st.history, start_step) if rank == 0 else None
     ctx = TrainContext(cfg, models, ema, groups, device, extra_data)
     collate = spec.collate or default_collate
-    stream = step_stream(data, cfg, st.epoch, st.skip, spec.id_column, control_group()) if data else None
+    stream = step_stream(data, cfg, st.epoch, st.skip, spec.id_column, control_group(), st.replay) if data else None
     total = cfg.steps
     if start_step:
         log.info("resumed at step %d (%d images, epoch %d) of %d", start_step, st.images, st.epoch, total)
 
     t_loop = time.perf_counter()
-    win_t, win_steps, win_data = t_loop, 0, 0.0
-    sums: dict[str, Any] = {}
+    win_t, win_steps, win_data = t_loop, 0, 0.0  # timing since the last log line
     audit: set[int] = set()
     # Closing the stream releases Ray Data's iterator while Ray is still up.
     with contextlib.closing(stream) if stream is not None else contextlib.nullcontext():
@@ -150,8 +149,8 @@ def _run(spec: TrainSpec, cfg: TrainConfig, out: Artifact, checkpoints: Checkpoi
             t0 = time.perf_counter()
             if stream is not None:
                 epoch, micro = next(stream)
-                if epoch != st.epoch:
-                    st.epoch, st.epoch_ids = epoch, []
+                if epoch != st.epoch:  # a new epoch starts from its beginning: replayable again
+                    st.epoch, st.epoch_ids, st.replay = epoch, [], cfg.deterministic_data
             else:
                 micro = [None] * cfg.grad_accum
             win_data += time.perf_counter() - t0
@@ -168,7 +167,7 @@ def _run(spec: TrainSpec, cfg: TrainConfig, out: Artifact, checkpoints: Checkpoi
                     scalars = spec.step(ctx, batch, st.step)
                 for k, v in scalars.items():
                     v = v.detach().float() if isinstance(v, Tensor) else float(v)
-                    sums[k] = sums.get(k, 0.0) + v / len(micro)
+                    st.log_sums[k] = st.log_sums.get(k, 0.0) + v / len(micro)
             for g, grp in groups.items():
                 if grp.calls not in (0, cfg.grad_accum):
                     raise RuntimeError(f"group {g!r}: backward_step called {grp.calls} times in step {st.step}; "
@@ -182,13 +181,14 @@ def _run(spec: TrainSpec, cfg: TrainConfig, out: Artifact, checkpoints: Checkpoi
                 if len(audit) < AUDIT_ROWS:
                     audit.update(int(i) for i in st.epoch_ids[-1][: AUDIT_ROWS - len(audit)])
             win_steps += 1
+            st.log_steps += 1
 
             if log_now:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
                 rec = {"step": st.step, "images": st.images, "epoch": st.epoch}
-                rec.update(reduce_mean({k: v / win_steps for k, v in sums.items()}, device))
+                rec.update(reduce_mean({k: v / st.log_steps for k, v in st.log_sums.items()}, device))
                 for g, grp in groups.items():
                     rec[f"lr/{g}"] = grp.lr()
                     if grp.norm is not None:
@@ -199,13 +199,14 @@ def _run(spec: TrainSpec, cfg: TrainConfig, out: Artifact, checkpoints: Checkpoi
                     rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if mlog:
                     mlog.write(rec)
-                win_t, win_steps, win_data, sums = now, 0, 0.0, {}
+                win_t, win_steps, win_data = now, 0, 0.0
+                st.log_sums, st.log_steps = {}, 0
             if spec.sample and cfg.preview_every and st.step % cfg.preview_every == 0 and st.step < total:
                 images = _preview(spec, models, ema, cfg, device, bf16)
                 if mlog:
                     mlog.preview(st.step, images)
             if (cfg.ckpt_every and st.step % cfg.ckpt_every == 0) or st.step == total:
-                checkpoint.save(checkpoints, st, groups, ema, rank, cfg, model_config)
+                checkpoint.save(checkpoints, st, groups, ema, rank, cfg, model_config, device)
                 if mlog:
                     mlog.sync()
     loop_s = time.perf_counter() - t_loop

@@ -5,11 +5,20 @@ re-running the same command: a TorchTrainer built again with the same RunConfig 
 storage path finds its checkpoint snapshot there and ``ray.train.get_checkpoint()`` returns
 the latest checkpoint (Train V2 has no ``resume_from_checkpoint``). ``max_failures``
 restarts the worker group from the same place within one run.
+
+Exact resume needs the same rows in the same order on every worker in every run: the train
+dataset is ingested with ``preserve_order`` (``cfg.deterministic_data``), which also makes
+Ray Data's split over the workers deterministic (it then ignores locality), and the local
+shuffle buffer is seeded per epoch and worker. A resumed worker reads its epoch again and the
+loop drops the rows it already trained on (``data.py``). A dataset materialized before ``fit``
+keeps the block order of its materialization: materialize it with ``preserve_order`` as well,
+or a rerun of the command (which materializes again) may read another order (the loop warns).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -50,8 +59,29 @@ class RayCheckpoints:
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
+def _ingest_options(cfg: TrainConfig) -> Any:
+    """Ray Data options for reading the ``train`` dataset: this process's (Ray Train's default),
+    in a reproducible order when ``cfg.deterministic_data``."""
+    import ray.data
+
+    opts = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    opts.preserve_order = opts.preserve_order or cfg.deterministic_data
+    return opts
+
+
+def _local_shard(ds: Any, cfg: TrainConfig) -> Any:
+    """Local mode hands the worker the dataset itself: read it with a worker's options (one worker's
+    split is the whole dataset, in the same order) on a copy, so that the caller's keeps its own."""
+    import ray.data
+
+    ds = ray.data.Dataset.copy(ds, _deep_copy=True)  # with a copy of its DataContext
+    ds.context.execution_options = _ingest_options(cfg)
+    return ds
+
+
 def _remaining(ds: Any, skip: Any, id_col: str, rank: int, world: int) -> Any:
-    """A resumed epoch: the rows of ``ds`` not yet trained on, split equally over the workers.
+    """A resumed epoch that cannot be replayed (another worker count, ``deterministic_data=False``):
+    the rows of ``ds`` not yet trained on, split equally over the workers.
 
     Ray Train's own split cannot be filtered per epoch, and filtering each worker's shard
     afterwards would leave workers unbalanced (one may have consumed its whole shard), so
@@ -77,6 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank = ray.train.get_context().get_world_rank()
     shards = {name: ray.train.get_dataset_shard(name) for name in config["dataset_names"]}
     train = shards.pop("train", None)
+    if local and train is not None:
+        train = _local_shard(train, cfg)
 
     def data(epoch: int, skip):
         source = train if skip is None else _remaining(config["train_dataset"], skip, spec.id_column, rank,
@@ -124,7 +156,8 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
                            "dataset_names": sorted(datasets), "train_dataset": datasets.get("train")},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=cfg.worker_resources),
-        run_config=run_config, datasets=datasets or None)
+        run_config=run_config, datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(execution_options={"train": _ingest_options(cfg)}))
     result = trainer.fit()
     summary = result.return_value
     if summary is None:  # rank 0 always returns the summary; read it back if Ray lost it

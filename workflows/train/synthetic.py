@@ -4,14 +4,17 @@ Rows are a pure function of ``row_id``, so a Ray Dataset (``dataset``) and an in
 numpy source (``numpy_source``) hold the same data. ``spec(two_groups=True)`` adds a small
 critic trained adversarially against the denoiser (a second optimizer group, as in PaGoDA).
 Test hooks: ``record_dir`` appends every micro-batch's ids and a parameter checksum per
-worker; ``fail_at_step`` raises once on ``fail_rank`` while ``fail_flag`` (a file) exists.
+worker; ``fail_at_step`` raises once on ``fail_rank`` while ``fail_flag`` (a file) exists;
+``collate=noisy_collate`` draws from numpy's and python's global RNGs; ``numpy_source(...,
+shuffle_buffer=n)`` reads through a local shuffle buffer, as the Ray adapter does.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workflows.train.config import TrainConfig
+from workflows.train.data import default_collate
 from workflows.train.spec import OptimGroup, TrainContext, TrainSpec
 
 SIGMA = 0.5  # noise level of the denoising task
@@ -33,19 +37,42 @@ def rows_for_ids(ids: np.ndarray, image_size: int = 8, rank: int = 4) -> dict[st
     return {"row_id": np.asarray(ids, dtype=np.int64), "image": images.astype(np.float32)}
 
 
-def numpy_source(n_rows: int, batch_size: int, shuffle_seed: int | None = 0,
-                 image_size: int = 8) -> Callable[..., Iterator[dict[str, np.ndarray]]]:
-    """``data(epoch, skip)`` for ``loop.run`` without Ray: a seeded permutation per epoch. It
-    ignores ``skip`` on purpose, so tests exercise the loop's own filtering."""
+def local_shuffle(batches: Iterable[dict[str, np.ndarray]], buffer: int, batch_size: int,
+                  rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Batches drawn at random from a buffer of at least ``buffer`` rows, refilled as it drains, as
+    Ray Data's local shuffle does: where a row lands depends on every row read before it."""
+    buf: dict[str, np.ndarray] | None = None
+    for b in batches:
+        buf = b if buf is None else {k: np.concatenate([buf[k], b[k]]) for k in buf}
+        while len(buf["row_id"]) >= max(buffer, batch_size):
+            take = np.zeros(len(buf["row_id"]), dtype=bool)
+            take[rng.choice(len(take), batch_size, replace=False)] = True
+            yield {k: v[take] for k, v in buf.items()}
+            buf = {k: v[~take] for k, v in buf.items()}
+    if buf is not None:
+        order = rng.permutation(len(buf["row_id"]))
+        for i in range(0, len(order), batch_size):
+            yield {k: v[order[i:i + batch_size]] for k, v in buf.items()}
+
+
+def numpy_source(n_rows: int, batch_size: int, shuffle_seed: int | None = 0, image_size: int = 8,
+                 shuffle_buffer: int = 0) -> Callable[..., Iterator[dict[str, np.ndarray]]]:
+    """``data(epoch, skip)`` for ``loop.run`` without Ray: a seeded permutation per epoch, then
+    (``shuffle_buffer`` > 0) a local shuffle buffer reseeded per epoch, as the Ray adapter reads.
+    Without a buffer it ignores ``skip``, so tests exercise the loop's own filtering; with one it
+    drops ``skip`` before the buffer, as ``ray_adapter._remaining`` does."""
     rows = rows_for_ids(np.arange(n_rows), image_size)
 
     def data(epoch: int, skip: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
         order = np.arange(n_rows)
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed + epoch).permutation(n_rows)
-        for i in range(0, n_rows, batch_size):
-            idx = order[i:i + batch_size]
-            yield {k: v[idx] for k, v in rows.items()}
+        if shuffle_buffer and skip is not None:
+            order = order[~np.isin(order, skip)]
+        batches = ({k: v[order[i:i + batch_size]] for k, v in rows.items()} for i in range(0, len(order), batch_size))
+        if shuffle_buffer:
+            batches = local_shuffle(batches, shuffle_buffer, batch_size, np.random.default_rng([epoch, 1000]))
+        yield from batches
 
     return data
 
@@ -79,13 +106,23 @@ class Critic(nn.Module):
         return self.net(x).squeeze(1)
 
 
+def noisy_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """As PaGoDA's pair_collate: a random flip from numpy's global RNG (and a scale from python's),
+    so that resume tests cover every global generator a step may draw from."""
+    out = default_collate(batch)
+    flip = torch.from_numpy(np.random.rand(len(out["image"])) < 0.5)[:, None, None, None]
+    out["image"] = torch.where(flip, out["image"].flip(-1), out["image"]) * random.uniform(0.8, 1.0)
+    return out
+
+
 def param_checksum(module: nn.Module) -> float:
     """Sum of this worker's parameter values (its ZeRO-3 partition when partitioned)."""
     return float(sum(getattr(p, "ds_tensor", p).detach().double().sum() for p in module.parameters()))
 
 
 def spec(channels: int = 32, two_groups: bool = False, adv_weight: float = 0.05, record_dir: str | None = None,
-         fail_at_step: int | None = None, fail_flag: str | None = None, fail_rank: int = 1) -> TrainSpec:
+         fail_at_step: int | None = None, fail_flag: str | None = None, fail_rank: int = 1,
+         collate: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None) -> TrainSpec:
     def build_models(cfg: TrainConfig) -> dict[str, nn.Module]:
         models: dict[str, nn.Module] = {"denoiser": Denoiser(channels)}
         if two_groups:
@@ -127,4 +164,4 @@ def spec(channels: int = 32, two_groups: bool = False, adv_weight: float = 0.05,
     groups = {"denoiser": OptimGroup(("denoiser",))}
     if two_groups:
         groups["critic"] = OptimGroup(("critic",), lr_mult=0.5, betas=(0.5, 0.99))
-    return TrainSpec(build_models=build_models, optimizers=groups, step=step, sample=sample)
+    return TrainSpec(build_models=build_models, optimizers=groups, step=step, sample=sample, collate=collate)
