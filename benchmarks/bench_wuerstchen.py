@@ -14,6 +14,12 @@ Sampling: text states → Stage C (29 steps on the paper's schedule, CFG 4: two 
 batched) → Stage B (12 steps, no CFG) → Stage A decode, timed per stage, plus one network pass of
 each stage for reference. Text encoders are not timed (random token states of the right width).
 
+``--input-pipeline`` measures Stage B's input pipeline alone (images/s delivered to the step, no
+model): encoded JPEGs in Ray's object store (as ``in_memory``), read with ``iter_batches``, either
+decoded inside the step by the collate (before) or by ``stages.decode_images`` in a Ray Data
+``map_batches`` ahead of it (after); ``--step-ms`` adds a simulated accelerator step (a sleep: the
+CPU is free meanwhile), where the second overlaps decoding with training.
+
 ``--flops-only`` builds the networks on the meta device (no memory, any preset, no GPU) and prints
 the model FLOPs per image of one training step and the throughput they imply at a given MFU.
 
@@ -44,7 +50,8 @@ from genmodels.wuerstchen import (
     stage_b_loss,
     stage_c_loss,
 )
-from genmodels.wuerstchen.diffusion import eps_loss, stage_c_timesteps
+from genmodels.wuerstchen.diffusion import stage_c_timesteps
+from workflows.preflight_models import wuerstchen_flops
 from workflows.wuerstchen.models import TextEncoderConfig, model_config
 
 TEXT = {"tiny": ("tiny-clip", "tiny-clip"), "paper": ("ViT-bigG-14", "ViT-H-14")}  # (C, B)
@@ -154,25 +161,59 @@ def sample_bench(models, sem_hw, widths, resolution, n, steps_b, device, bf16, r
 
 
 def flops_per_image(preset: str, resolution: int) -> dict[str, float]:
-    """Forward+backward FLOPs of one image, counted on the meta device (the step functions' .item()
-    logging cannot run there, so the same network calls are made through eps_loss directly)."""
-    dev = torch.device("meta")
-    with dev:
-        models, sem_hw, (w_c, w_b) = build(preset, resolution, dev, False)
-        lat = resolution // 4
-        calls = {
-            "stage_c": lambda: eps_loss(models["stage_c"], torch.randn(1, 16, *sem_hw),
-                                        {"text": torch.randn(1, 77, w_c)})[0],
-            "stage_b+compressor": lambda: eps_loss(models["stage_b"], torch.randn(1, 4, lat, lat), {
-                "sem": models["compressor"](torch.randn(1, 3, resolution, resolution)),
-                "text": torch.randn(1, 77, w_b)})[0],
-        }
-        out = {}
-        for k, fn in calls.items():
-            with FlopCounterMode(display=False) as fc:
-                fn().backward()
-            out[k] = fc.get_total_flops()
-    return out
+    """Forward+backward FLOPs of one image, counted on the meta device by the preflight's builders
+    (workflows/preflight_models.py), with this benchmark's text encoders."""
+    return wuerstchen_flops(preset, resolution, *TEXT[preset])
+
+
+def _jpegs(n: int, size: int, distinct: int = 16) -> list[bytes]:
+    """Photo-like JPEGs (smooth colour fields + grain, quality 95), ``distinct`` of them cycled."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(distinct):
+        f = rng.uniform(1, 6, size=(3, 2))
+        img = np.stack([np.sin(f[c, 0] * 3 * xx + f[c, 1] * 2 * yy + rng.uniform(0, 6)) for c in range(3)], -1)
+        img = (img * 100 + 128 + rng.normal(0, 8, img.shape)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return [out[i % distinct] for i in range(n)]
+
+
+def input_pipeline_bench(n: int, resolution: int, batch: int, step_ms: float, epochs: int = 2) -> list[dict]:
+    """Stage B's input pipeline, decode in the step (before) vs in Ray Data (after); last epoch timed."""
+    import ray
+    import ray.data
+
+    from workflows.wuerstchen.stages import _collate, decode_images, image_float
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    data = _jpegs(n, resolution)
+    # Blocks of a few batches, as parquet files give (one block would decode in one task).
+    ds = ray.data.from_items([{"row_id": i, "jpg": b} for i, b in enumerate(data)],
+                             override_num_blocks=max(1, n // (4 * batch))).materialize()
+    after = ds.map_batches(decode_images, fn_kwargs={"column": "jpg", "size": resolution}, batch_size=batch,
+                           batch_format="numpy")
+    rows = []
+    for name, source, in_step in (("input_decode_in_step", ds, True), ("input_decode_in_ray_data", after, False)):
+        for _ in range(epochs):  # the first epoch starts Ray Data's workers
+            t0, seen = time.perf_counter(), 0
+            for b in source.iter_batches(batch_size=batch, batch_format="numpy"):
+                x = _collate(b, (), ("jpg", resolution))["image"] if in_step else image_float(_collate(b, ())["image"])
+                if step_ms:
+                    time.sleep(step_ms / 1000)
+                seen += len(x)
+            dt = time.perf_counter() - t0
+        rows.append({"bench": name, "batch": batch, "resolution": resolution, "images": seen, "seconds": dt,
+                     "step_ms": step_ms, "images_per_s": seen / dt, "cpus": os.cpu_count()})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -194,7 +235,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device and stop")
     p.add_argument("--mfu", type=float, default=0.4, help="--flops-only: the MFU to project images/s at")
+    p.add_argument("--input-pipeline", action="store_true",
+                   help="time Stage B's input pipeline only (decode in the step vs in Ray Data) and stop")
+    p.add_argument("--input-images", type=int, default=256, help="--input-pipeline: images per epoch")
+    p.add_argument("--input-resolution", type=int, default=512, help="--input-pipeline: JPEG side (paper: 1024)")
+    p.add_argument("--step-ms", type=float, default=0.0, help="--input-pipeline: simulated step per batch (ms)")
     args = p.parse_args(argv)
+    if args.input_pipeline:
+        rows = input_pipeline_bench(args.input_images, args.input_resolution, args.batch_b, args.step_ms)
+        print(f"Stage B input pipeline @ {args.input_resolution}px, batch {args.batch_b}, step {args.step_ms} ms, "
+              f"{os.cpu_count()} CPUs")
+        for x in rows:
+            print(f"  {x['bench']:<28}{x['images']:>6} images{x['seconds']:>9.2f} s{x['images_per_s']:>9.1f} img/s")
+        if not args.no_save:
+            record("wuerstchen", {"preset": "input_pipeline", "rows": rows})
+        return 0
     if args.flops_only:
         peak = args.peak_tflops or 989.0
         print(f"Würstchen {args.preset} @ {args.resolution}px: training FLOPs per image (fwd+bwd), "

@@ -44,11 +44,11 @@ def clip_transform(name: str, pretrained: str | None = None):
 
     CPU preprocessing tasks use it so that they need not build (or download) the model.
     """
-    import open_clip  # lazy: see the note at the top
-    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict  # lazy: see the top
 
-    import genmodels.clip  # noqa: F401 - registers tiny-clip; lazy: see the note at the top
+    from genmodels.clip import open_clip_lib
 
+    open_clip = open_clip_lib()  # with tiny-clip registered
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         known = ", ".join(open_clip.list_models()[:8])

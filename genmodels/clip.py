@@ -4,18 +4,33 @@ Würstchen conditions Stage C on CLIP-bigG/14 and Stage B on CLIP-H/14 *token st
 (77×width, not pooled; Würstchen §3, wuerstchen.md); the data filter and the CLIP score use
 the pooled, projected embeddings. ``tiny-clip`` is a random 2-layer model registered here so
 that every path runs offline; paper names load real weights with a pretrained tag.
+
+``TextEncoder.from_hf`` wraps a transformers ``CLIPTextModel(WithProjection)`` and its tokenizer
+instead (the public Würstchen v2 weights were trained and are sampled with those): it encodes
+exactly as diffusers' Würstchen pipelines do, padding mask included (see the method).
 """
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
 TINY = "tiny-clip"
-open_clip.add_model_config(resources.files("genmodels") / "configs" / f"{TINY}.json")
+
+
+@functools.cache
+def open_clip_lib():
+    """open_clip, imported on first use with ``tiny-clip`` registered. Importing it (torchvision and
+    transformers come with it) costs ~5 s of CPU, which every process that only imports a stage
+    module would pay: the CLI, Ray Train's controller, workers that never build a CLIP."""
+    import open_clip
+
+    open_clip.add_model_config(resources.files("genmodels") / "configs" / f"{TINY}.json")
+    return open_clip
+
 
 # Paper encoders (pretrained tags as published by open_clip / LAION).
 BIGG = ("ViT-bigG-14", "laion2b_s39b_b160k")  # Würstchen Stage C
@@ -28,9 +43,9 @@ def build_clip(name: str = TINY, pretrained: str | None = None, seed: int = 0):
     ``None`` gives random weights (seeded, so tiny models are the same on every worker)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        model, _, preprocess = open_clip_lib().create_model_and_transforms(name, pretrained=pretrained)
     model.eval().requires_grad_(False)
-    return model, preprocess, open_clip.get_tokenizer(name)
+    return model, preprocess, open_clip_lib().get_tokenizer(name)
 
 
 def text_width(model) -> int:
@@ -67,8 +82,9 @@ def encode_image(model, images: torch.Tensor, normalize: bool = True) -> torch.T
     return model.encode_image(images, normalize=normalize)
 
 
-_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+# open_clip's OPENAI_DATASET_MEAN / _STD, the normalisation every CLIP here was trained with.
+_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 
 
 def preprocess_tensor(model, images: torch.Tensor) -> torch.Tensor:
@@ -92,16 +108,52 @@ class TextEncoder(torch.nn.Module):
 
     def __init__(self, name: str = TINY, pretrained: str = "", tokens: int = 0, pooled: bool = True):
         super().__init__()
-        self.clip, _, self.tokenizer = build_clip(name, pretrained or None)
         self.tokens, self.pooled = tokens, pooled
+        self.hf = False
+        if name:  # from_hf passes "" and sets clip / tokenizer itself
+            self.clip, _, self.tokenizer = build_clip(name, pretrained or None)
+
+    @classmethod
+    def from_hf(cls, model: torch.nn.Module, tokenizer, tokens: int = 0, pooled: bool = False) -> TextEncoder:
+        """Wrap a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` and its tokenizer.
+
+        Encodes as diffusers' ``WuerstchenPriorPipeline._encode_prompt`` and
+        ``WuerstchenDecoderPipeline._encode_prompt`` (pipelines/deprecated/wuerstchen): pad to the
+        tokenizer's ``model_max_length`` (77), truncate, and pass the tokenizer's
+        ``attention_mask`` with the ids, so the padding positions attend only to the real tokens
+        (causal mask AND padding mask); ``text`` is ``last_hidden_state`` (after the final
+        LayerNorm, not pooled). The open_clip path applies the causal mask only, which leaves the
+        real tokens' states equal but changes every padding state, and Stages B/C attend to all 77.
+        ``text_embed`` is the projected EOS state (``text_embeds``), L2-normalised like open_clip's.
+        """
+        enc = cls("", tokens=tokens, pooled=pooled)
+        enc.clip, enc.tokenizer, enc.hf = model.eval().requires_grad_(False), tokenizer, True
+        return enc
 
     @property
     def width(self) -> int:
-        return text_width(self.clip)
+        return self.clip.config.hidden_size if self.hf else text_width(self.clip)
+
+    def _forward_hf(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        out = self.clip(ids, attention_mask=mask)
+        keep = self.tokens or ids.shape[1]
+        res = {"text": out.last_hidden_state[:, :keep].float(), "text_mask": mask[:, :keep].bool()}
+        if self.pooled:
+            embed = getattr(out, "text_embeds", None)
+            if embed is None:
+                raise ValueError("pooled=True needs a CLIPTextModelWithProjection (text_embeds)")
+            res["text_embed"] = F.normalize(embed.float(), dim=-1)
+        return res
 
     @torch.no_grad()
     def forward(self, captions) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer([str(c) for c in captions]).to(next(self.clip.parameters()).device)
+        device = next(self.clip.parameters()).device
+        if self.hf:
+            return self._forward_hf([str(c) for c in captions], device)
+        tok = self.tokenizer([str(c) for c in captions]).to(device)
         keep = self.tokens or tok.shape[1]
         out = {"text": encode_text_tokens(self.clip, tok)[:, :keep].float(), "text_mask": tok[:, :keep] != 0}
         if self.pooled:
@@ -111,7 +163,7 @@ class TextEncoder(torch.nn.Module):
 
 def text_dims(name: str) -> tuple[int, int]:
     """(token width, pooled width) of an open_clip model config, without building the model."""
-    cfg = open_clip.get_model_config(name)
+    cfg = open_clip_lib().get_model_config(name)
     if cfg is None:
         raise ValueError(f"unknown open_clip model {name!r}")
     return int(cfg["text_cfg"]["width"]), int(cfg["embed_dim"])

@@ -39,6 +39,14 @@ class RunConfig:
     name: str = "demo"
     # Optional $/hour per resource, e.g. {"CPU": 0.04, "GPU:H100": 4.0}, for cost accounting.
     prices: dict[str, float] = field(default_factory=dict)
+    # The machines the run is planned for: a Ray cluster-launcher YAML whose available_node_types
+    # `--preflight` fits every stage to (relative paths: from the repository root).
+    cluster: str = "cluster/aws.yaml"
+    # Stages that share no input run at once, up to this many (the two model families' branches).
+    parallel_stages: int = 1
+
+    def validate(self) -> None:
+        check([("parallel_stages", self.parallel_stages >= 1, "must be >= 1")])
 
 
 @dataclass(frozen=True)

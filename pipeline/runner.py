@@ -1,15 +1,18 @@
 """Plan and execute the stage DAG with per-stage caching.
 
 The plan is computed from manifests only (no work, no Ray), printed first, and is what
-``--dry-run`` shows. Execution runs the planned stages in order, writes each manifest
-last, and finishes with a run summary (``runs/<run_id>/summary.json``).
+``--dry-run`` shows. Execution runs the planned stages as their inputs become ready (up to
+``run.parallel_stages`` at once), writes each manifest last, and finishes with a run summary
+(``runs/<run_id>/summary.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,46 +109,91 @@ def code_version() -> str:
 
 def execute(steps: list[Step], cfg: PipelineConfig, store: Store, run_id: str,
             before_stage: Callable[[Stage], None] = lambda s: None) -> dict[str, Any]:
-    """Run every "run" step in order; services of input stages stay up until the run ends."""
+    """Run every "run" step once its inputs are ready; services of input stages stay up until the run ends.
+
+    Up to ``cfg.run.parallel_stages`` stages run at once, each in a driver thread that mostly
+    waits on Ray (the work itself runs in Ray tasks, actors and Ray Train workers), so branches
+    that share no input (the two model families) overlap. Stages start in plan order. After a
+    failure no new stage starts; those already running finish and keep their manifests (a rerun
+    of the same command resumes from them), then the first error is raised.
+    """
     version = code_version()
     by_name = {s.stage.name: s for s in steps}
-    rows = []
+    rows = {st.stage.name: _row(st, 0.0) for st in steps if st.action != "run"}
+    pending = [st for st in steps if st.action == "run"]
+    ready = {st.stage.name for st in steps if st.action != "run"}
     run_art = store.run_dir(run_id)
     run_art.write_json("config.json", cfg.to_dict())
     t_run = time.time()
+    parallel = max(1, cfg.run.parallel_stages)
+    finished: queue.Queue[tuple[Step, float | None, BaseException | None]] = queue.Queue()
+    errors: list[BaseException] = []
     with contextlib.ExitStack() as services:
         started: set[str] = set()
-        for st in steps:
-            if st.action != "run":
-                rows.append(_row(st, 0.0))
+        running = 0
+        while pending or running:
+            for st in list(pending):
+                if errors or running >= parallel:
+                    break
+                if not all(i in ready for i in st.stage.upstream):
+                    continue
+                pending.remove(st)
+                for i in st.stage.upstream:  # started here, in the main thread, and only once
+                    up = by_name[i]
+                    if up.stage.service and i not in started:
+                        services.enter_context(up.stage.service(up.artifact, cfg.stages[i]))
+                        started.add(i)
+                before_stage(st.stage)
+                running += 1
+                if parallel == 1:  # in the main thread: Ctrl-C and tracebacks exactly as a plain loop
+                    _run_step(st, cfg, by_name, version, run_id, finished)
+                else:  # daemon: an interrupted driver exits without waiting for Ray calls to return
+                    threading.Thread(target=_run_step, args=(st, cfg, by_name, version, run_id, finished),
+                                     name=f"stage-{st.stage.name}", daemon=True).start()
+            if not running:
+                break  # an error stopped new starts and nothing is left running
+            st, wall, err = finished.get()
+            running -= 1
+            if err is not None:
+                errors.append(err)
+                log.error("[%s] failed: %s: %s", st.stage.name, type(err).__name__, err)
                 continue
-            for i in st.stage.upstream:
-                up = by_name[i]
-                if up.stage.service and i not in started:
-                    services.enter_context(up.stage.service(up.artifact, cfg.stages[i]))
-                    started.add(i)
-            stage_cfg = cfg.stages[st.stage.name]
-            if st.reason.startswith("forced") or st.reason.startswith("downstream"):
-                st.artifact.clear()  # stale shards of an older run must not survive a forced rerun
-            log.info("[%s] running (%s) -> %s", st.stage.name, st.reason, st.artifact.uri)
-            before_stage(st.stage)
-            t0 = time.time()
-            inputs = {role: by_name[i].artifact for role, i in st.stage.inputs.items()}
-            counts = st.stage.fn(inputs, stage_cfg, st.artifact) or {}
-            wall = time.time() - t0
-            resources = st.stage.resources(stage_cfg)
-            st.artifact.write_json("config.json", to_dict(stage_cfg))
-            write_manifest(st.artifact, {
-                "stage": st.stage.name, "key": st.key, "version": st.stage.version,
-                "config": to_dict(stage_cfg), "inputs": {role: by_name[i].key for role, i in st.stage.inputs.items()},
-                "upstream": dict(st.stage.inputs),
-                "code_version": version, "counts": counts, "wall_s": round(wall, 3),
-                "resources": resources, "run_id": run_id})
-            log.info("[%s] done in %.1fs: %s", st.stage.name, wall, _fmt_counts(counts))
-            rows.append(_row(st, wall))
-    summary = {"run_id": run_id, "root": store.uri, "wall_s": round(time.time() - t_run, 3), "stages": rows}
+            ready.add(st.stage.name)
+            rows[st.stage.name] = _row(st, wall)
+    if errors:
+        raise errors[0]
+    summary = {"run_id": run_id, "root": store.uri, "wall_s": round(time.time() - t_run, 3),
+               "stages": [rows[st.stage.name] for st in steps]}
     run_art.write_json("summary.json", summary)
     return summary
+
+
+def _run_step(st: Step, cfg: PipelineConfig, by_name: dict[str, Step], version: str, run_id: str,
+              finished: queue.Queue) -> None:
+    """Run one stage and write its manifest last; report (step, wall, error) on ``finished``."""
+    try:
+        stage_cfg = cfg.stages[st.stage.name]
+        if st.reason.startswith("forced") or st.reason.startswith("downstream"):
+            st.artifact.clear()  # stale shards of an older run must not survive a forced rerun
+        log.info("[%s] running (%s) -> %s", st.stage.name, st.reason, st.artifact.uri)
+        t0 = time.time()
+        inputs = {role: by_name[i].artifact for role, i in st.stage.inputs.items()}
+        counts = st.stage.fn(inputs, stage_cfg, st.artifact) or {}
+        wall = time.time() - t0
+        st.artifact.write_json("config.json", to_dict(stage_cfg))
+        write_manifest(st.artifact, {
+            "stage": st.stage.name, "key": st.key, "version": st.stage.version,
+            "config": to_dict(stage_cfg), "inputs": {role: by_name[i].key for role, i in st.stage.inputs.items()},
+            "upstream": dict(st.stage.inputs),
+            "code_version": version, "counts": counts, "wall_s": round(wall, 3),
+            "resources": st.stage.resources(stage_cfg), "run_id": run_id})
+        log.info("[%s] done in %.1fs: %s", st.stage.name, wall, _fmt_counts(counts))
+    except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+        finished.put((st, None, e))
+        if cfg.run.parallel_stages <= 1:
+            raise
+        return
+    finished.put((st, wall, None))
 
 
 def _row(st: Step, wall: float) -> dict[str, Any]:

@@ -24,6 +24,7 @@ torch.set_num_threads(1)
 
 
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -63,7 +64,8 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
          f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
          # Own agent ports: another Ray on the machine (a demo run) must not hold ours.
          f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True)
     address = f"127.0.0.1:{port}"
     dashboard = f"http://127.0.0.1:{dash}"
     try:
@@ -81,11 +83,46 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
         _wait_for_job_agent(dashboard, deadline)
         yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM to ``ray start --block`` (it stops what it started); if that takes longer than
+    ``grace_s`` (it can wait ~30 s on busy workers), SIGKILL its whole process group, which holds
+    exactly the processes of this node (started in a session of their own)."""
+    import signal
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def ray_worker_node(address: str, num_cpus: int = 2, resources: dict[str, float] | None = None):
+    """A second raylet on 127.0.0.1 joined to the head at ``address``: another Ray node, as on a
+    cluster (own temp dir and ports), stopped on exit. Yields its temp dir."""
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+           f"--object-manager-port={free_port()}"]
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        yield temp_dir
+    finally:
+        _stop(proc)
 
 
 @pytest.fixture

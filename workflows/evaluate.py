@@ -1,7 +1,8 @@
 """Stage ``evaluate``: every trained model against held-out real images, one metrics table.
 
-One loop over the families (``workflows.family``): each exports ``GENERATORS`` and
-``load_generator``, and every generator samples one image per held-out caption with a fixed
+One loop over the generators among the stage's inputs (``"<model>.<role>"``, as the stage table
+built them), each loaded by its family (``workflows.family``: ``GENERATORS`` and ``load_generator``);
+every generator samples one image per held-out caption with a fixed
 seed; the result is compared with the held-out real images at the generator's resolution (the
 shard stage decided the split, so no training stage saw them). Metrics: SWD on patches always
 (needs no weights); Fréchet distance and k-NN precision/recall on a pluggable feature network
@@ -121,6 +122,27 @@ def generator_inputs() -> dict[str, str]:
     return roles
 
 
+def models_in(inputs: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """{model: (family, {role: input})} of every ``"<model>.<role>"`` input, in input order. The table is
+    config-driven (full_pipeline.stage_table: e.g. PaGoDA grown to 512 px), so the models are the
+    inputs', not a family's default ``GENERATORS``. The family: the one that lists the model, else the
+    one whose generators need exactly these roles (every PaGoDA resolution needs one ``generator``)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, art in inputs.items():
+        model, dot, role = key.rpartition(".")
+        if dot:
+            grouped.setdefault(model, {})[role] = art
+    out = {}
+    for model, arts in grouped.items():
+        fams = [f for f in FAMILIES if model in f.GENERATORS] or [
+            f for f in FAMILIES if any(set(needs) == set(arts) for needs in f.GENERATORS.values())]
+        if len(fams) != 1:
+            raise ValueError(f"evaluate: input {model!r} (roles {sorted(arts)}) matches "
+                             f"{len(fams)} families' generators, not one")
+        out[model] = fams[0], arts
+    return out
+
+
 def run(inputs: dict[str, Artifact], cfg: EvaluateConfig, out: Artifact) -> dict[str, Any]:
     t0 = time.time()
     shard = inputs["shard"]
@@ -130,16 +152,12 @@ def run(inputs: dict[str, Artifact], cfg: EvaluateConfig, out: Artifact) -> dict
         model, _, tokenizer = clip_mod.build_clip(cfg.clip_model, cfg.clip_pretrained)
         clip = (model, tokenizer)
     table: dict[str, dict[str, float]] = {}
-    for fam in FAMILIES:
-        for model, needs in fam.GENERATORS.items():
-            arts = {role: inputs[f"{model}.{role}"] for role in needs if f"{model}.{role}" in inputs}
-            if len(arts) < len(needs):  # a pipeline table without this model
-                continue
-            gen = fam.load_generator(arts)
-            real, caps = heldout_reals(shard, gen.resolution, cfg)
-            with torch.no_grad():
-                fake = gen.sample(caps, cfg.seed)
-            table[gen.name] = score(fake, real, caps, cfg, feats, clip) | {"nfe": float(gen.nfe)}
+    for fam, arts in models_in(inputs).values():
+        gen = fam.load_generator(arts)
+        real, caps = heldout_reals(shard, gen.resolution, cfg)
+        with torch.no_grad():
+            fake = gen.sample(caps, cfg.seed)
+        table[gen.name] = score(fake, real, caps, cfg, feats, clip) | {"nfe": float(gen.nfe)}
 
     out.write_json("metrics.json", table)
     out.write_bytes("metrics.md", ("\n".join(report.metrics_markdown(table)) + "\n").encode())

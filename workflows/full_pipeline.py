@@ -1,7 +1,7 @@
 """genmodels: image URLs → filtered, recaptioned shards → Würstchen and PaGoDA → samples, metrics, report.
 
     python workflows/full_pipeline.py --config workflows/configs/demo.yaml [--stages a,b]
-        [--from STAGE] [--force STAGE] [--dry-run] [key=value ...]
+        [--from STAGE] [--force STAGE] [--dry-run] [--preflight [--json]] [key=value ...]
     ray job submit --working-dir . -- python workflows/full_pipeline.py --config workflows/configs/cluster.yaml
 
 Every stage is cached by a key over its config and its inputs' keys; rerunning the same
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -20,9 +21,12 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import yaml  # noqa: E402
 
 from data_prep import stages as data_stages  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
@@ -37,10 +41,49 @@ log = logging.getLogger("genmodels")
 # family's generators through the same face (workflows/family.py).
 STAGES: list[Stage] = [*data_stages.STAGES, *wuerstchen.STAGES, *pagoda.STAGES, evaluate.STAGE]
 
+
+def stage_table(sections: Mapping[str, Any]) -> list[Stage]:
+    """``STAGES`` with PaGoDA's growth rows as the config's ``stages`` sections ask (pagoda.table_for);
+    evaluate reads every generator of that table."""
+    rows = pagoda.table_for(sections)
+    if [s.name for s in rows] == [s.name for s in pagoda.STAGES]:
+        return STAGES
+    gens = {**wuerstchen.GENERATORS, **pagoda.generators(rows, pagoda.base_resolution(sections))}
+    inputs = {"shard": "shard", **{f"{m}.{role}": st for m, needs in gens.items() for role, st in needs.items()}}
+    return [*data_stages.STAGES, *wuerstchen.STAGES, *rows, dataclasses.replace(evaluate.STAGE, inputs=inputs)]
+
+
+def raw_sections(path: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The ``stages`` mapping of the YAML with the overrides merged, read before validation only to
+    shape the table (which growth rows exist); anything malformed is left to ``config.load`` to report."""
+    try:
+        with open(path or os.devnull) as f:
+            raw = yaml.safe_load(f) or {}
+        stages = dict(raw.get("stages") or {}) if isinstance(raw, dict) else {}
+        over = config_mod.parse_overrides(overrides)
+    except (OSError, yaml.YAMLError, config_mod.ConfigError, AttributeError, TypeError, ValueError):
+        return {}
+    for name, value in {**over.get("stages", {}), **{k: v for k, v in over.items() if k not in ("run", "ray")}}.items():
+        if isinstance(value, dict):
+            stages[name] = {**(stages.get(name) or {}), **value} if isinstance(stages.get(name), dict) else value
+    return stages
+
 # Variables that Ray workers on a cluster must see as the driver does.
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                "HF_HOME", "NO_ALBUMENTATIONS_UPDATE", "DS_ACCELERATOR", "WANDB_MODE")
+
+
+def projection(stages: list[Stage], cfg: config_mod.PipelineConfig, ran: set[str]) -> dict[str, dict]:
+    """The preflight's projection of the stages that ran, for the report to set beside what they held;
+    empty (with a warning) when the cluster file cannot be read or a stage cannot be sized."""
+    from workflows import preflight  # the model libraries on the meta device: only after a run
+
+    try:
+        return preflight.projection([s for s in stages if s.name in ran], cfg)
+    except ValueError as e:  # PreflightError: an unreadable cluster file, a stage that fits no node type
+        log.warning("report: no projection (%s)", e)
+        return {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from", dest="start", help="run this stage and everything downstream of it")
     p.add_argument("--force", action="append", default=[], help="rerun this stage and its downstream")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--preflight", action="store_true",
+                   help="fit every stage to run.cluster's node types and price it (no Ray, meta device), then exit")
+    p.add_argument("--json", action="store_true", help="--preflight: print one JSON document instead of the table")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. download.image_size=128 run.root=s3://b/p")
     return p.parse_intermixed_args(argv)  # key=value overrides may stand before or after the flags
 
@@ -103,15 +149,21 @@ def _remove_token_file(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    stage_cfgs = {s.name: s.config for s in STAGES}
     try:
-        cfg = config_mod.load(args.config, args.overrides, stage_cfgs)
+        stages = stage_table(raw_sections(args.config, args.overrides))
+        cfg = config_mod.load(args.config, args.overrides, {s.name: s.config for s in stages})
+        pagoda.check_growth(stages, cfg.stages)
+        if args.preflight:  # before the store: preflight writes nothing
+            from workflows import preflight
+
+            only = args.stages.split(",") if args.stages else None  # --stages: preflight just these
+            return preflight.main([s for s in stages if only is None or s.name in only], cfg, as_json=args.json)
         config_mod.check_run_root(cfg, os.environ)  # before Store(), which creates a local root
         store = Store(cfg.run.root)
         store.check_writable()
         only = set(args.stages.split(",")) if args.stages else None
         force = {f for item in args.force for f in item.split(",") if f}
-        steps = runner.plan(STAGES, cfg, store, only=only, start=args.start, force=force)
+        steps = runner.plan(stages, cfg, store, only=only, start=args.start, force=force)
     except (config_mod.ConfigError, runner.PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             init_ray(cfg)
 
     summary = runner.execute(steps, cfg, store, run_id, before_stage=before)
-    summary["report"] = report.write_report(summary, store, store.run_dir(run_id), cfg.run.prices)
+    summary["report"] = report.write_report(summary, store, store.run_dir(run_id), cfg.run.prices,
+                                            projection(stages, cfg, {r["stage"] for r in summary["stages"]
+                                                                     if r["action"] == "run"}))
     ran = [r["stage"] for r in summary["stages"] if r["action"] == "run"]
     cached = [r["stage"] for r in summary["stages"] if r["action"] == "cached"]
     print(f"done in {summary['wall_s']:.1f}s: ran {len(ran)} stage(s) {ran}, {len(cached)} cached")

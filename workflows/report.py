@@ -21,10 +21,23 @@ log = logging.getLogger("genmodels")
 
 # Data stages whose "rows in / out / rejected by reason" make the funnel, in order.
 FUNNEL = ("urls", "download", "filter", "recaption", "shard")
+VS = "GPU-hours / node-hours / cost"
 
 
-def cost_table(rows: list[dict[str, Any]], prices: dict[str, float]) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Resource-hours per stage (wall × resources held) and, with a price table, money.
+def resource_price(res: str, prices: dict[str, float], gpu: str | None = None) -> float:
+    """$/hour of one unit of a Ray resource under ``run.prices``, for the report and the preflight alike:
+    ``GPU`` of a known kind (``H100``) at ``GPU:<kind>`` where the table has it, else at ``GPU``; any other
+    resource (``CPU``, or one already named ``GPU:H100``) by its name."""
+    if res == "GPU" and gpu and f"GPU:{gpu}" in prices:
+        return prices[f"GPU:{gpu}"]
+    return prices.get(res, 0.0)
+
+
+def cost_table(rows: list[dict[str, Any]], prices: dict[str, float], gpus: dict[str, str | None] | None = None,
+               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Resource-hours per stage (wall × resources held) and, with a price table, money. ``gpus``: the GPU
+    kind each stage ran on (the node type the preflight places it on), so that ``GPU`` hours are priced
+    at ``GPU:<kind>``.
 
     Cached stages cost nothing in this run; their original cost stays in their manifest.
     """
@@ -33,7 +46,8 @@ def cost_table(rows: list[dict[str, Any]], prices: dict[str, float]) -> tuple[li
         wall = r.get("wall_s") or 0.0
         hours = {res: n * wall / 3600.0 for res, n in (r.get("resources") or {}).items()}
         ran = r["action"] == "run"
-        money = sum(prices.get(res, 0.0) * h for res, h in hours.items()) if ran else 0.0
+        gpu = (gpus or {}).get(r["stage"])
+        money = sum(resource_price(res, prices, gpu) * h for res, h in hours.items()) if ran else 0.0
         out.append({"stage": r["stage"], "action": r["action"], "hours": {k: round(v, 6) for k, v in hours.items()},
                     "cost": round(money, 6)})
         if ran:
@@ -42,6 +56,16 @@ def cost_table(rows: list[dict[str, Any]], prices: dict[str, float]) -> tuple[li
             total["cost"] = total.get("cost", 0.0) + money
     total = {k: round(v, 6) for k, v in total.items()}
     return out, total
+
+
+def _actual(row: dict[str, Any], cost: dict[str, Any], proj: dict[str, Any]) -> dict[str, float]:
+    """This run's GPU-hours, node-hours (the share of the projected node type the resources held, as the
+    preflight counts node-hours) and cost of a stage that ran."""
+    hours = cost["hours"]
+    node = proj.get("node_resources") or {}
+    share = [h / node[k] for k, h in hours.items() if node.get(k)]
+    return {"gpu_hours": sum(h for k, h in hours.items() if k.split(":")[0] == "GPU"),
+            "node_hours": max(share, default=0.0), "cost": cost["cost"]}
 
 
 def funnel(arts: dict[str, Artifact]) -> list[dict[str, Any]]:
@@ -115,11 +139,23 @@ def _plot_losses(curves: dict[str, list[dict[str, Any]]]) -> bytes | None:
     return buf.getvalue()
 
 
-def write_report(summary: dict[str, Any], store: Store, run_art: Artifact, prices: dict[str, float]) -> str:
-    """Write report.html/report.md/report.json into the run directory; return the HTML's URI."""
+def write_report(summary: dict[str, Any], store: Store, run_art: Artifact, prices: dict[str, float],
+                 projection: dict[str, dict[str, Any]] | None = None) -> str:
+    """Write report.html/report.md/report.json into the run directory; return the HTML's URI.
+
+    ``projection``: the preflight's projection per stage (``preflight.projection``: GPU-hours,
+    node-hours, cost, node type, GPU kind), set beside what each stage that ran actually held.
+    """
     rows = summary["stages"]
     arts = {r["stage"]: store.artifact(r["stage"], r["key"]) for r in rows}
-    costs, total = cost_table(rows, prices)
+    ran = {r["stage"] for r in rows if r["action"] == "run"}
+    proj = {k: v for k, v in (projection or {}).items() if k in ran}
+    costs, total = cost_table(rows, prices, {k: p.get("gpu") for k, p in proj.items()})
+    for r, c in zip(rows, costs):
+        if r["stage"] in proj and "gpu_hours" in proj[r["stage"]]:
+            p = proj[r["stage"]]
+            c["projected"] = {k: p[k] for k in ("node", "gpu_hours", "node_hours", "cost", "note")}
+            c["actual"] = _actual(r, c, p)
     curves = loss_curves(arts)
     data = {"run_id": summary["run_id"], "root": summary["root"], "wall_s": summary["wall_s"],
             "stages": rows, "cost": costs, "cost_total": total, "funnel": funnel(arts),
@@ -135,17 +171,27 @@ def write_report(summary: dict[str, Any], store: Store, run_art: Artifact, price
     return run_art.child_uri("report.html")
 
 
+def _vs(c: dict[str, Any]) -> tuple[str, str]:
+    """(projected, actual) cells: GPU-hours / node-hours / cost."""
+    if "projected" not in c:
+        return "-", "-"
+    return tuple(" / ".join(f"{c[side][k]:.4g}" for k in ("gpu_hours", "node_hours", "cost"))
+                 for side in ("projected", "actual"))
+
+
 def _counts_str(c: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items() if not isinstance(v, (dict, list)))
 
 
 def _markdown(d: dict[str, Any], has_curves: bool) -> str:
     md = [f"# genmodels run {d['run_id']}", "", f"root: `{d['root']}` · wall {d['wall_s']:.1f}s", "",
-          "## Stages", "", "| stage | status | wall s | counts | resource-hours | cost |", "|---|---|---|---|---|---|"]
+          "## Stages", "", f"Projected: the preflight for this run's config ({VS}); actual: this run.", "",
+          "| stage | status | wall s | counts | resource-hours | cost | projected | actual |",
+          "|---|---|---|---|---|---|---|---|"]
     for r, c in zip(d["stages"], d["cost"]):
         hours = ", ".join(f"{k} {v:.4f}" for k, v in c["hours"].items())
         md.append(f"| {r['stage']} | {r['action']} | {r.get('wall_s') or 0:.1f} | {_counts_str(r.get('counts') or {})} "
-                  f"| {hours} | {c['cost']:.4f} |")
+                  f"| {hours} | {c['cost']:.4f} | {' | '.join(_vs(c))} |")
     md += ["", f"Total this run: {_counts_str(d['cost_total']) or 'nothing ran'}", "", "## Data funnel", "",
            "| stage | in | out | rejected by reason |", "|---|---|---|---|"]
     for f in d["funnel"]:
@@ -185,12 +231,14 @@ def _html(d: dict[str, Any], arts: dict[str, Artifact], curve_png: bytes | None)
              "<style>body{font:14px system-ui;margin:2em;max-width:1200px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;image-rendering:pixelated}"
              "</style>", f"<h1>genmodels run {e(d['run_id'])}</h1><p>root <code>{e(d['root'])}</code> · wall "
-             f"{d['wall_s']:.1f}s</p>", "<h2 id=stages>Stages</h2><table><tr><th>stage<th>status<th>wall s<th>counts"
-             "<th>resource-hours<th>cost"]
+             f"{d['wall_s']:.1f}s</p>", "<h2 id=stages>Stages</h2>",
+             f"<p>Projected: the preflight for this run's config ({VS}); actual: this run.</p>",
+             "<table><tr><th>stage<th>status<th>wall s<th>counts<th>resource-hours<th>cost<th>projected<th>actual"]
     for r, c in zip(d["stages"], d["cost"]):
         hours = ", ".join(f"{k} {v:.4f}" for k, v in c["hours"].items())
         parts.append(f"<tr><td>{e(r['stage'])}<td>{e(r['action'])}<td>{r.get('wall_s') or 0:.1f}"
-                     f"<td>{e(_counts_str(r.get('counts') or {}))}<td>{e(hours)}<td>{c['cost']:.4f}")
+                     f"<td>{e(_counts_str(r.get('counts') or {}))}<td>{e(hours)}<td>{c['cost']:.4f}"
+                     + "".join(f"<td>{e(x)}" for x in _vs(c)))
     parts.append(f"</table><p>Total this run: {e(_counts_str(d['cost_total']) or 'nothing ran')}</p>")
     parts.append("<h2 id=funnel>Data funnel</h2><table><tr><th>stage<th>in<th>out<th>rejected by reason")
     for f in d["funnel"]:

@@ -9,7 +9,14 @@ from genmodels.pagoda.control import condition_transfer, encode, inpaint, interp
 from genmodels.pagoda.discriminator import DiscriminatorConfig, ProjectedDiscriminator, diff_augment
 from genmodels.pagoda.edm import EDMConfig, EDMPrecond, Guided, edm_coeffs, edm_loss, guided_denoise
 from genmodels.pagoda.generator import Generator, GeneratorConfig, sample_latents
-from genmodels.pagoda.growth import GrowthConfig, copy_matching, grow_2x, grown_config, set_trainable
+from genmodels.pagoda.growth import (
+    GrowthConfig,
+    copy_matching,
+    first_trained_block,
+    grow_2x,
+    grown_config,
+    set_trainable,
+)
 from genmodels.pagoda.losses import (
     FrozenFeatures,
     TinyFeatures,
@@ -28,6 +35,7 @@ from genmodels.pagoda.steps import (
     ema_update,
     generator_loss,
     invert_latents,
+    rec_discriminator_loss,
     teacher_loss,
 )
 from genmodels.pagoda.unet import UNet, UNetConfig, count_params
@@ -59,6 +67,7 @@ __all__ = [
     "edm_loss",
     "ema_update",
     "encode",
+    "first_trained_block",
     "g_hinge_loss",
     "generator_loss",
     "grow_2x",
@@ -72,6 +81,7 @@ __all__ = [
     "ode_invert",
     "ode_sample",
     "perceptual_distance",
+    "rec_discriminator_loss",
     "rec_loss",
     "sample_latents",
     "set_trainable",

@@ -13,6 +13,7 @@ Text-to-image (Sec. 4.2): an omega embedding (sinusoids -> MLP, last layer zero-
 G starts equal to the teacher for every omega) is added to the U-Net's time embedding.
 """
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,15 +45,32 @@ class Generator(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: EDMPrecond, cfg: GeneratorConfig = GeneratorConfig()) -> "Generator":
-        """Stage 2b initialization: a deep copy of the teacher network, all weights trainable."""
-        gen = cls(copy.deepcopy(teacher.net), cfg)
+        """Stage 2b initialization: a deep copy of the teacher network, all weights trainable, no dropout.
+
+        The official decoder is built with `dropout=0.0` while the ImageNet teacher trains with 0.1
+        (sony/pagoda cm/script_util.py: `dropout` vs `teacher_dropout`), so the copy drops it.
+        """
+        net = copy.deepcopy(teacher.net)
+        net.cfg = dataclasses.replace(net.cfg, dropout=0.0)
+        for m in net.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        gen = cls(net, cfg)
         gen.requires_grad_(True)
         return gen
 
-    @property
-    def last_layer(self) -> Tensor:
-        """W of the adaptive adversarial weight (VQGAN-style): the last conv of the output head."""
-        return self.net.out_conv.weight
+    def adaptive_layer(self, where: str = "last_block") -> Tensor:
+        """W of the adaptive adversarial weight (VQGAN-style).
+
+        "last_block": the zero-initialized second conv of the last decoder ResBlock, where the official
+        code takes it (sony/pagoda cm/karras_diffusion.py `get_last_layer`:
+        `output_blocks[-1][0].out_layers[3].weight`); "head": the output conv (our earlier choice).
+        """
+        if where == "head":
+            return self.net.out_conv.weight
+        if where == "last_block":
+            return self.net.dec[list(self.net.dec)[-1]].conv1.weight
+        raise ValueError(f"adaptive_layer: expected 'last_block' or 'head', got {where!r}")
 
     def _inputs(self, z: Tensor, omega: Tensor | float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         sigma = torch.full((z.shape[0], 1, 1, 1), self.cfg.sigma_max, dtype=torch.float32, device=z.device)
@@ -83,16 +101,16 @@ class Generator(nn.Module):
 
     def forward_split(
         self, z: Tensor, label: Tensor | None = None, text: Tensor | None = None, text_mask: Tensor | None = None,
-        omega: Tensor | float | None = None, trunk_grad: bool = True,
+        omega: Tensor | float | None = None, grad_tail: int | None = None,
     ) -> Tensor:
-        """forward() with the trunk optionally run without autograd; gradients then reach only the head.
+        """forward() with all but the last `grad_tail` decoder blocks run without autograd (None: all of it).
 
         Used for the adaptive weight's ||grad_W L_rec|| when the reconstruction term takes its own
-        optimizer step (>= 256 px): grad_W needs only the head's input, not the trunk's graph.
+        optimizer step: grad_W needs only the graph from W to the output (grad_tail=1 for the last
+        block's conv, 0 for the head), not the trunk's.
         """
         c_skip, c_out, x_in, c_noise, emb_extra = self._inputs(z, omega)
-        with torch.set_grad_enabled(trunk_grad and torch.is_grad_enabled()):
-            h = self.net.trunk(x_in, c_noise, label, text, text_mask, emb_extra)
+        h = self.net.trunk(x_in, c_noise, label, text, text_mask, emb_extra, grad_tail=grad_tail)
         return self._output(self.net.head(h), z, c_skip, c_out)
 
 

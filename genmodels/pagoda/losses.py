@@ -4,13 +4,13 @@
   L2 (LPIPS without learned weights) from frozen feature networks at 224^2. The reference code
   uses DeiT-B + EfficientNet-lite0 (`build_timm_features`); any callable images -> feature maps works.
 - L_adv: hinge GAN losses; the generator term is weighted by the VQGAN adaptive weight
-  lambda = clip(||grad_W L_rec|| / (||grad_W L_adv|| + 1e-4), 0.01, 10), W = G's last layer.
+  lambda = clip(||grad_W L_rec|| / (||grad_W L_adv|| + 1e-4), 0.01, 10), W = the last decoder
+  ResBlock's output conv (official) or the output head (`Generator.adaptive_layer`).
 - L_dstl (text-to-image): the same perceptual distance to the teacher's CFG-omega ODE solution.
 - CLIP regularization (text-to-image): 1 - cos(image embedding of G's output, text embedding).
 """
 from collections.abc import Callable, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,6 +60,9 @@ def build_timm_features(name: str = "tf_efficientnet_lite0", layers: Sequence[in
                         size: int = 224, pretrained: bool = True) -> FrozenFeatures:
     """Frozen timm backbone, e.g. 'tf_efficientnet_lite0' (layers 1-4) or
     'deit_base_distilled_patch16_224' / 'vit_small_patch16_224.dino' (blocks 2, 5, 8, 11)."""
+    import timm  # here, not at the top: timm (with torchvision) costs seconds in every process that
+    # imports this module, and only paper-size runs build a timm backbone
+
     model = timm.create_model(name, pretrained=pretrained)
     cfg = model.pretrained_cfg
     return FrozenFeatures(model, layers, size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3))

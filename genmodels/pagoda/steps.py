@@ -8,6 +8,7 @@ generator step backpropagates through D, so zero D's grads before its own backwa
 opt.zero_grad(); loss.backward(); opt.step()).
 
 models: "teacher" EDMPrecond (frozen), "generator" Generator, "discriminator" ProjectedDiscriminator,
+        "rec_discriminator" ProjectedDiscriminator (only with cfg.rec_discriminator; its step: rec_discriminator_loss),
         "perceptual" feature net(s) for L_rec / L_dstl (losses.FrozenFeatures, TinyFeatures, or a list),
         "clip_image" (text-to-image with w_clip > 0) callable [-1, 1] images -> (B, D) embeddings.
 batch:  "image"      (B, 3, R, R) in [-1, 1] at the stage's resolution R (teacher: base resolution)
@@ -39,38 +40,48 @@ from genmodels.pagoda.ode import ode_invert, ode_sample
 
 @dataclass(frozen=True)
 class PagodaConfig:
+    """What the losses need. Optimization (the paper: RAdam, lr_G 8e-6, lr_D 2e-3, EMA 0.999, batch
+    96/256/360/512) is the harness's alone: workflows.pagoda.stages' `train` section (lr, ema_decay,
+    batch_size) and `lr_d`, so there is one place to set it."""
+
     resolution: int = 16  # output resolution of this stage
     edm: EDMConfig = field(default_factory=EDMConfig)
     inversion_points: int = 40  # Stage 2a: 40-point Karras grid, 0.002 -> 80 (78 evaluations)
     w_adv: float = 0.2  # 0.2 at the base resolution (Stage 2b), 1.0 while growing (Stage 3)
     adaptive: bool = True  # VQGAN adaptive lambda; False: lambda = 1
+    # Above this resolution the fresh-noise term takes lambda = 1: the official 256/512 scripts
+    # (sony/pagoda commands/res64to256.sh, res64to512.sh) leave --decoder_adaptive_weight False, which
+    # makes cm/karras_diffusion.py pass a zero L_rec to get_adaptive_weight and so weight 1.
+    adaptive_max_resolution: int = 128
+    # W of lambda: "last_block" (the last decoder ResBlock's second conv, official) or "head" (output conv)
+    lambda_layer: str = "last_block"
     lambda_min: float = 0.01
     lambda_max: float = 10.0
     lambda_eps: float = 1e-4
     separate_updates: bool = False  # >= 256: even steps L_rec, odd steps L_adv (own optimizer steps)
     w_rec_adv: float = 0.0  # 512: adversarial loss on the reconstructions G(z_inv) (0.5)
+    # True: that loss uses its own discriminator models["rec_discriminator"] trained on reals vs
+    # reconstructions (official --recon_discriminator=True at 512); False: the main D judges them too.
+    rec_discriminator: bool = False
     omega_range: tuple[float, float] = (0.0, 0.0)  # text-to-image: omega ~ U(range) (not public)
     w_dstl: float = 0.0  # text-to-image: L_dstl toward the teacher's CFG-omega ODE solution (not public)
     dstl_points: int = 40
     w_clip: float = 0.0  # text-to-image: CLIP regularization (not public)
-    # optimization, read by the harness (Sec. 5, App. D: RAdam)
-    lr_teacher: float = 2e-4
-    lr_g: float = 8e-6
-    lr_d: float = 2e-3
-    ema: float = 0.999
-    batch_size: int = 96
+
+    @property
+    def adaptive_adv(self) -> bool:
+        """Whether the fresh-noise adversarial term gets the adaptive lambda at this resolution."""
+        return self.adaptive and self.resolution <= self.adaptive_max_resolution
 
 
 PRESETS = {
-    "tiny": PagodaConfig(resolution=16, lr_g=1e-4, lr_d=1e-3, batch_size=8),
-    "tiny_grow": PagodaConfig(resolution=32, w_adv=1.0, separate_updates=True, w_rec_adv=0.5, lr_g=1e-4,
-                              lr_d=1e-3, batch_size=8),
-    "tiny_text": PagodaConfig(resolution=16, omega_range=(0.0, 4.0), w_dstl=1.0, dstl_points=4, w_clip=0.1,
-                              lr_g=1e-4, lr_d=1e-3, batch_size=8),
+    "tiny": PagodaConfig(resolution=16),
+    "tiny_grow": PagodaConfig(resolution=32, w_adv=1.0, separate_updates=True, w_rec_adv=0.5),
+    "tiny_text": PagodaConfig(resolution=16, omega_range=(0.0, 4.0), w_dstl=1.0, dstl_points=4, w_clip=0.1),
     "paper": PagodaConfig(resolution=64),
-    "paper128": PagodaConfig(resolution=128, w_adv=1.0, batch_size=256),
-    "paper256": PagodaConfig(resolution=256, w_adv=1.0, separate_updates=True, batch_size=360),
-    "paper512": PagodaConfig(resolution=512, w_adv=1.0, separate_updates=True, w_rec_adv=0.5, batch_size=512),
+    "paper128": PagodaConfig(resolution=128, w_adv=1.0),
+    "paper256": PagodaConfig(resolution=256, w_adv=1.0, separate_updates=True),
+    "paper512": PagodaConfig(resolution=512, w_adv=1.0, separate_updates=True, w_rec_adv=0.5, rec_discriminator=True),
     # Text-to-image weights and the omega range are not published; these are our defaults.
     "paper_text": PagodaConfig(resolution=64, omega_range=(0.0, 8.0), w_dstl=1.0, w_clip=0.1),
 }
@@ -118,9 +129,9 @@ def _fresh(batch: dict, gen: nn.Module, cfg: PagodaConfig) -> tuple[Tensor, Tens
 
 
 def _lambda(
-    cfg: PagodaConfig, l_rec: Tensor | None, l_adv: Tensor, w: Tensor, rec_norm: Tensor | None = None
+    cfg: PagodaConfig, adaptive: bool, l_rec: Tensor | None, l_adv: Tensor, w: Tensor, rec_norm: Tensor | None = None
 ) -> Tensor:
-    if not cfg.adaptive or not w.requires_grad:
+    if not adaptive or not w.requires_grad:
         return torch.ones((), device=l_adv.device)
     return adaptive_weight(l_rec, l_adv, w, cfg.lambda_min, cfg.lambda_max, cfg.lambda_eps, rec_grad_norm=rec_norm)
 
@@ -130,14 +141,17 @@ def generator_loss(models: dict, batch: dict, cfg: PagodaConfig, step: int = 0) 
 
     L = L_rec(G(z_inv, c), x) + w_adv * lambda * L_adv(G(eps, c))
         [+ w_rec_adv * lambda_r * L_adv(G(z_inv, c))] [+ w_dstl * L_dstl + w_clip * L_clip],
-    fakes from fresh noise eps ~ N(0, 80^2 I). With separate_updates, even steps return the
-    reconstruction terms and odd steps the adversarial ones (lambda's ||grad_W L_rec|| is then
-    taken with the trunk run without autograd, so only one big graph lives at a time).
+    fakes from fresh noise eps ~ N(0, 80^2 I). lambda is adaptive up to cfg.adaptive_max_resolution
+    and 1 above it; lambda_r is adaptive whenever cfg.adaptive. With separate_updates, even steps
+    return the reconstruction terms and odd steps the adversarial ones (an adaptive lambda's
+    ||grad_W L_rec|| is then taken with the trunk below W run without autograd, so only one big
+    graph lives at a time).
     """
     gen, disc, feats = models["generator"], models["discriminator"], models["perceptual"]
     cond, d_cond = _cond(batch), _d_cond(batch)
     z, x = batch["latent"], batch["image"]
-    w = gen.last_layer
+    w = gen.adaptive_layer(cfg.lambda_layer)
+    disc_rec = models["rec_discriminator"] if cfg.rec_discriminator else disc
     omega0 = 0.0 if gen.cfg.omega_cond else None  # reconstructions are the unguided (omega = 0) decoder
     rec_phase = not cfg.separate_updates or step % 2 == 0
     adv_phase = (not cfg.separate_updates or step % 2 == 1) and (cfg.w_adv > 0 or cfg.w_dstl > 0 or cfg.w_clip > 0)
@@ -149,8 +163,8 @@ def generator_loss(models: dict, batch: dict, cfg: PagodaConfig, step: int = 0) 
         loss = loss + l_rec
         logs["l_rec"] = l_rec.detach()
         if cfg.w_rec_adv > 0:
-            l_rec_adv = g_hinge_loss(disc(x_rec, omega=omega0, **d_cond))
-            lam_r = _lambda(cfg, l_rec, l_rec_adv, w)
+            l_rec_adv = g_hinge_loss(disc_rec(x_rec, omega=omega0, **d_cond))
+            lam_r = _lambda(cfg, cfg.adaptive, l_rec, l_rec_adv, w)  # official: adaptive at 512 too
             loss = loss + cfg.w_rec_adv * lam_r * l_rec_adv
             logs.update(l_rec_adv=l_rec_adv.detach(), lambda_rec=lam_r)
 
@@ -160,11 +174,12 @@ def generator_loss(models: dict, batch: dict, cfg: PagodaConfig, step: int = 0) 
         if cfg.w_adv > 0:
             l_adv = g_hinge_loss(disc(fake, omega=omega, **d_cond))
             rec_norm = None
-            if l_rec is None and cfg.adaptive and w.requires_grad:
-                l_rec_head = rec_loss(feats, gen.forward_split(z, omega=omega0, trunk_grad=False, **cond), x)
-                rec_norm = last_layer_grad_norm(l_rec_head, w)
-                logs["l_rec"] = l_rec_head.detach()  # L_rec at the current weights, so every step logs it
-            lam = _lambda(cfg, l_rec, l_adv, w, rec_norm)
+            if l_rec is None and cfg.adaptive_adv and w.requires_grad:
+                tail = 0 if cfg.lambda_layer == "head" else 1
+                l_rec_w = rec_loss(feats, gen.forward_split(z, omega=omega0, grad_tail=tail, **cond), x)
+                rec_norm = last_layer_grad_norm(l_rec_w, w)
+                logs["l_rec"] = l_rec_w.detach()  # L_rec at the current weights, so every step logs it
+            lam = _lambda(cfg, cfg.adaptive_adv, l_rec, l_adv, w, rec_norm)
             loss = loss + cfg.w_adv * lam * l_adv
             logs.update(l_adv=l_adv.detach(), lambda_adv=lam)
         if cfg.w_dstl > 0:
@@ -196,7 +211,7 @@ def discriminator_loss(models: dict, batch: dict, cfg: PagodaConfig) -> tuple[Te
     fake_logits = disc(fake, omega=omega, **d_cond)
     loss = d_hinge_loss(real_logits, fake_logits)
     logs = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
-    if cfg.w_rec_adv > 0:
+    if cfg.w_rec_adv > 0 and not cfg.rec_discriminator:
         omega0 = 0.0 if gen.cfg.omega_cond else None
         with torch.no_grad():
             x_rec = gen(batch["latent"], omega=omega0, **cond)
@@ -205,6 +220,20 @@ def discriminator_loss(models: dict, batch: dict, cfg: PagodaConfig) -> tuple[Te
         logs["d_rec"] = rec_logits.detach().mean()
     logs["loss"] = loss.detach()
     return loss, logs
+
+
+def rec_discriminator_loss(models: dict, batch: dict, cfg: PagodaConfig) -> tuple[Tensor, dict]:
+    """Hinge step of the separate reconstruction discriminator (512 px, `rec_discriminator`):
+    E relu(1 - D_r(x)) + E relu(1 + D_r(G(z_inv))) (sony/pagoda cm/karras_diffusion.py, recon=True)."""
+    gen, disc = models["generator"], models["rec_discriminator"]
+    cond, d_cond = _cond(batch), _d_cond(batch)
+    omega0 = 0.0 if gen.cfg.omega_cond else None
+    with torch.no_grad():
+        x_rec = gen(batch["latent"], omega=omega0, **cond)
+    real_logits = disc(batch["image"], omega=omega0, **d_cond)
+    rec_logits = disc(x_rec, omega=omega0, **d_cond)
+    loss = d_hinge_loss(real_logits, rec_logits)
+    return loss, {"loss": loss.detach(), "d_rec_real": real_logits.detach().mean(), "d_rec": rec_logits.detach().mean()}
 
 
 @torch.no_grad()

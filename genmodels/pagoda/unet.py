@@ -16,6 +16,7 @@ attends to them (token keys/values concatenated to the image keys/values). A poo
 (B, text_dim) input is treated as a single token. The null condition is all zeros (label -1
 or a zero one-hot row, zero text), which is what condition dropout feeds for CFG.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +224,21 @@ class UNet(nn.Module):
         self.out_norm = group_norm(cout)
         self.out_conv = zero_init(nn.Conv2d(cout, cfg.out_channels, 3, padding=1))
 
+    @staticmethod
+    def decoder_names(cfg: UNetConfig) -> list[str]:
+        """Names of `dec`'s blocks in forward order, from the config alone (no weights built)."""
+        names = []
+        for level in reversed(range(len(cfg.channel_mult))):
+            res = cfg.img_resolution >> level
+            if level != len(cfg.channel_mult) - 1:
+                names.append(f"{res}x{res}_up")
+            names += [f"{res}x{res}_block{i}" for i in range(cfg.num_blocks + 1)]
+        res = cfg.img_resolution
+        for _ in cfg.grown:
+            res *= 2
+            names += [f"{res}x{res}_up"] + [f"{res}x{res}_block{i}" for i in range(cfg.grown_blocks)]
+        return names
+
     def embed(
         self, c_noise: Tensor, label: Tensor | None = None, text: Tensor | None = None,
         text_mask: Tensor | None = None, emb_extra: Tensor | None = None,
@@ -246,21 +262,29 @@ class UNet(nn.Module):
 
     def trunk(
         self, x: Tensor, c_noise: Tensor, label: Tensor | None = None, text: Tensor | None = None,
-        text_mask: Tensor | None = None, emb_extra: Tensor | None = None,
+        text_mask: Tensor | None = None, emb_extra: Tensor | None = None, grad_tail: int | None = None,
     ) -> Tensor:
-        """Everything up to the output head; `head(trunk(...))` is the forward pass."""
-        emb, ctx = self.embed(c_noise, label, text, text_mask, emb_extra)
-        mask = text_mask if text is not None and text.ndim == 3 else None
-        skips = []
-        for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb, ctx, mask)
-            skips.append(x)
-        for block in self.mid.values():
-            x = block(x, emb, ctx, mask)
-        for block in self.dec.values():
-            if block.takes_skip:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb, ctx, mask)
+        """Everything up to the output head; `head(trunk(...))` is the forward pass.
+
+        grad_tail=k runs all but the last k decoder blocks without autograd (gradients can then reach
+        only those k blocks and the head); None records the whole graph.
+        """
+        n_dec = len(self.dec)
+        tail_from = n_dec - grad_tail if grad_tail is not None else 0
+        with torch.no_grad() if grad_tail is not None else contextlib.nullcontext():
+            emb, ctx = self.embed(c_noise, label, text, text_mask, emb_extra)
+            mask = text_mask if text is not None and text.ndim == 3 else None
+            skips = []
+            for name, block in self.enc.items():
+                x = block(x) if name.endswith("_conv") else block(x, emb, ctx, mask)
+                skips.append(x)
+            for block in self.mid.values():
+                x = block(x, emb, ctx, mask)
+        for i, block in enumerate(self.dec.values()):
+            with torch.no_grad() if i < tail_from else contextlib.nullcontext():
+                if block.takes_skip:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb, ctx, mask)
         return x
 
     def head(self, h: Tensor) -> Tensor:

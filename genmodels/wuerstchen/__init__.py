@@ -6,7 +6,7 @@ Stage A (f4 VQGAN) <- Stage B (DiffNeXt, conditioned on the semantic latent + te
 from genmodels.wuerstchen.compressor import PRESETS as COMPRESSOR_PRESETS
 from genmodels.wuerstchen.compressor import CompressorConfig, SemanticCompressor
 from genmodels.wuerstchen.stage_a import PRESETS as STAGE_A_PRESETS
-from genmodels.wuerstchen.stage_a import StageA, StageAConfig, vqgan_loss
+from genmodels.wuerstchen.stage_a import PatchDiscriminator, StageA, StageAConfig, estimate_latent_scale, vqgan_loss
 from genmodels.wuerstchen.stage_b import PRESETS as STAGE_B_PRESETS
 from genmodels.wuerstchen.stage_b import StageB, StageBConfig
 from genmodels.wuerstchen.stage_c import PRESETS as STAGE_C_PRESETS
@@ -18,10 +18,12 @@ from genmodels.wuerstchen.steps import (
     sample_stage_b,
     sample_stage_c,
     sample_three_stage,
+    stage_a_disc_loss,
     stage_a_loss,
     stage_b_loss,
     stage_c_loss,
 )
+from genmodels.wuerstchen.sync_bn import SyncBatchNorm2d, convert_sync_batchnorm
 from genmodels.wuerstchen.weights import map_diffusers_state_dict, to_diffusers_state_dict
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "STAGE_B_PRESETS",
     "STAGE_C_PRESETS",
     "CompressorConfig",
+    "PatchDiscriminator",
     "SemanticCompressor",
     "StageA",
     "StageAConfig",
@@ -40,11 +43,15 @@ __all__ = [
     "StageC",
     "StageCConfig",
     "StageCLossConfig",
+    "SyncBatchNorm2d",
+    "convert_sync_batchnorm",
+    "estimate_latent_scale",
     "from_prior_space",
     "map_diffusers_state_dict",
     "sample_stage_b",
     "sample_stage_c",
     "sample_three_stage",
+    "stage_a_disc_loss",
     "stage_a_loss",
     "stage_b_loss",
     "stage_c_loss",

@@ -3,7 +3,8 @@
 Paper Sec. 3.2 (arXiv 2306.00637): torchvision EfficientNetV2-S `features` (1280 channels,
 stride 32), then a 1x1 conv to 16 channels and a non-affine BatchNorm, so the latent is
 standardized. At 1024 px the image is resized to 768 px -> 16x24x24 (42x compression).
-It is trained jointly with Stage B and frozen for Stage C.
+It is trained jointly with Stage B and frozen for Stage C; with several workers its BatchNorms
+are synchronised (``sync_bn.convert_sync_batchnorm``, as v1 does with SyncBatchNorm).
 
 The `tiny` preset swaps the backbone for four stride-2 Conv-BN-SiLU stages (stride 16) so the
 whole pipeline runs on a CPU: a 64 px image -> 16x4x4.
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 # ImageNet statistics, as expected by torchvision's pretrained EfficientNet.
@@ -28,6 +28,10 @@ class CompressorConfig:
     input_scale: float = 1.0
     tiny_widths: tuple[int, ...] = (16, 32, 48, 64)  # one stride-2 stage each
     pretrained: bool = False  # EfficientNet only: torchvision's ImageNet weights
+    # The final BatchNorm's learned scale/shift. v3 (StableCascade modules/effnet.py) has none; the v2
+    # compressor has one (diffusers examples/research_projects/wuerstchen EfficientNetEncoder), so
+    # loading v2's weights needs True (workflows/wuerstchen/official.load_official_compressor).
+    bn_affine: bool = False
 
 
 PRESETS = {
@@ -51,6 +55,8 @@ class SemanticCompressor(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.backbone == "efficientnet_v2_s":
+            import torchvision  # here, not at the top: the tiny preset (and its spawned test workers) skip ~3 s
+
             weights = torchvision.models.EfficientNet_V2_S_Weights.DEFAULT if cfg.pretrained else None
             self.backbone = torchvision.models.efficientnet_v2_s(weights=weights).features
             c_feat, self.stride = 1280, 32
@@ -61,7 +67,7 @@ class SemanticCompressor(nn.Module):
             raise ValueError(f"unknown backbone {cfg.backbone!r}")
         self.mapper = nn.Sequential(
             nn.Conv2d(c_feat, cfg.c_latent, kernel_size=1, bias=False),
-            nn.BatchNorm2d(cfg.c_latent, affine=False),
+            nn.BatchNorm2d(cfg.c_latent, affine=cfg.bn_affine),
         )
 
     def input_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:

@@ -6,8 +6,12 @@ compression to 4 latent channels; ConvNeXt-style "mixing" residual blocks; a cod
 v2 decodes the *unquantized* latent. Paper size: 18.4M parameters.
 
 Loss (`vqgan_loss`): reconstruction (MSE or L1) + optional perceptual feature loss +
-VQ codebook/commitment terms (van den Oord et al. 2017, Eq. 3). The adversarial term of the
-original VQGAN recipe is not implemented here; add a discriminator outside if needed.
+VQ codebook/commitment terms (van den Oord et al. 2017, Eq. 3). The optional adversarial term
+(VQGAN, Esser et al. 2021, Eq. 4-5; the paper calls it optional) uses `PatchDiscriminator` and
+`hinge_d_loss`, wired by `steps.stage_a_loss` / `steps.stage_a_disc_loss`.
+
+`estimate_latent_scale`: after training, the std of the pre-quantization latent, the value
+`scale_factor` should take so that Stage B sees unit variance (0.3764 is the official model's).
 """
 from dataclasses import dataclass
 
@@ -144,7 +148,8 @@ def vqgan_loss(
     perceptual_weight: float = 1.0,
     vq_weight: float = 1.0,
     unquantized_weight: float = 0.0,
-) -> tuple[Tensor, dict[str, float]]:
+    return_recon: bool = False,
+):
     """Stage A objective on images x in [-1, 1]: recon + w_p * perceptual + w_vq * VQ (+ w_u * recon_u).
 
     `perceptual` is any frozen feature network mapping images in [-1, 1] to a tensor (or a
@@ -174,4 +179,45 @@ def vqgan_loss(
         loss = loss + perceptual_weight * p
         logs["perceptual"] = p.item()
     logs["loss"] = loss.item()
-    return loss, logs
+    return (loss, logs, x_hat) if return_recon else (loss, logs)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator: spectral-normalised stride-2 convs, LeakyReLU, a 1x1 conv to one
+    logit per patch (raw logits, for the hinge loss). Like v1's Stage A discriminator
+    (dome272/Wuerstchen vqgan.py: spectral norm, InstanceNorm, patch logits; 6 levels, 512 wide)."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), c_in: int = 3):
+        super().__init__()
+        layers, c_prev = [], c_in
+        for i, c in enumerate(widths):
+            layers.append(nn.utils.parametrizations.spectral_norm(nn.Conv2d(c_prev, c, 3, stride=2, padding=1)))
+            if i:  # no norm on the first layer (pixels), as DCGAN/VQGAN discriminators
+                layers.append(nn.InstanceNorm2d(c, affine=True))
+            layers.append(nn.LeakyReLU(0.2))
+            c_prev = c
+        layers.append(nn.Conv2d(c_prev, 1, kernel_size=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Hinge discriminator loss (VQGAN Eq. 4 with the hinge form of taming-transformers)."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+@torch.no_grad()
+def estimate_latent_scale(model: StageA, batches) -> dict[str, float]:
+    """Std (and mean) of the pre-quantization latent over ``batches`` of images in [-1, 1]: the
+    ``scale_factor`` that gives Stage B unit-variance latents (encode divides by it), as the official
+    0.3764 was measured for the official Stage A. Accumulated in float64 over every element."""
+    n, s1, s2 = 0, 0.0, 0.0
+    for x in batches:
+        h = model._encode_raw(x).double()
+        n, s1, s2 = n + h.numel(), s1 + h.sum().item(), s2 + (h * h).sum().item()
+    if n < 2:
+        raise ValueError("estimate_latent_scale: no images")
+    mean = s1 / n
+    return {"std": max((s2 / n - mean * mean) * n / (n - 1), 0.0) ** 0.5, "mean": mean, "elements": n}

@@ -14,6 +14,7 @@ models keys: "stage_a" (StageA), "compressor" (SemanticCompressor), "stage_b" (S
 both hold BatchNorms whose running statistics define the latent spaces.
 """
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from genmodels.wuerstchen.diffusion import (
     sample,
     stage_c_timesteps,
 )
-from genmodels.wuerstchen.stage_a import vqgan_loss
+from genmodels.wuerstchen.stage_a import hinge_d_loss, vqgan_loss
 from genmodels.wuerstchen.stage_c import from_prior_space, to_prior_space
 
 
@@ -36,17 +37,35 @@ class StageALossConfig:
     perceptual_weight: float = 1.0
     vq_weight: float = 1.0
     unquantized_weight: float = 0.0  # > 0: also reconstruct from the unquantized latent (v2 decodes it)
+    # > 0: hinge GAN term -w * D(x_hat) for the decoder and a PatchGAN discriminator trained beside it
+    # (VQGAN, Esser et al. 2021, Eq. 5; v1's Stage A code ships a discriminator, dome272/Wuerstchen
+    # vqgan.py). The paper calls it optional; off by default.
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0  # optimizer step from which it is on (VQGAN's disc_start: reconstruct first)
 
 
 @dataclass(frozen=True)
 class StageBLossConfig:
     p_uncond: float = 0.05  # per-sample text dropout for CFG
-    # Semantic-latent perturbation (v1 recipe): zeroed with p_sem_zero, otherwise noised
-    # with p_sem_noise at t ~ U(0, sem_noise_tmax), so B learns to rely on a noisy, and
-    # sometimes absent, Stage C sample. Per sample here; v1 drew it once per batch.
+    # Semantic-latent perturbation (v1, dome272/Wuerstchen modules.py ``Wrapper.forward``): with
+    # p_sem_zero the latent is zeroed (the unconditional input), else with p_sem_noise it is noised
+    # at t ~ U(0, sem_noise_tmax), so B learns to rely on a noisy, and sometimes absent, Stage C sample.
     p_sem_zero: float = 0.05
     p_sem_noise: float = 0.3
     sem_noise_tmax: float = 0.5
+    # Where the noise is added. "prior" (v1, the default): in Stage C's space (z + shift) / scale =
+    # (z + 1) / 42, where v1's compressor returns its latent (``EfficientNetEncoder.forward``) and
+    # Stage B reads it; there the signal's std is ~1/42, so even t = 0.02 buries it (about 40x
+    # stronger than "standardized", the same noise added to the unit-variance z that our Stage B
+    # reads, which was this code's earlier choice). Zeroing is always in the standardized space:
+    # zeros there are the unconditional input of our sampler and of v2's (diffusers
+    # ``WuerstchenDecoderPipeline``: ``torch.zeros_like(image_embeddings)``).
+    sem_noise_space: Literal["prior", "standardized"] = "prior"
+    sem_latent_scale: float = 42.0  # Stage C's (z + shift) / scale: StageCConfig.latent_scale / latent_shift
+    sem_latent_shift: float = 1.0
+    # v1 draws zero / noise once per batch (np.random.rand() in Wrapper.forward, t per sample); False:
+    # per sample (the same expected fractions, less variance between steps).
+    sem_per_batch: bool = True
     p2: bool = True
 
 
@@ -56,24 +75,46 @@ class StageCLossConfig:
     p2: bool = True
 
 
-def stage_a_loss(models: dict[str, nn.Module], batch: dict[str, Tensor], cfg: StageALossConfig | None = None):
-    """Stage A (VQGAN) step. batch: "image" (B, 3, H, W) in [-1, 1]."""
+def stage_a_loss(models: dict[str, nn.Module], batch: dict[str, Tensor], cfg: StageALossConfig | None = None,
+                 return_recon: bool = False):
+    """Stage A (VQGAN) step. batch: "image" (B, 3, H, W) in [-1, 1]. With cfg.adversarial_weight > 0
+    and models["discriminator"], adds the generator's hinge term; ``return_recon`` also returns the
+    reconstruction, which ``stage_a_disc_loss`` takes (detached) for the discriminator's step."""
     cfg = cfg or StageALossConfig()
-    return vqgan_loss(
+    disc = models.get("discriminator") if cfg.adversarial_weight > 0 else None
+    loss, logs, x_hat = vqgan_loss(
         models["stage_a"], batch["image"], models.get("perceptual"),
         recon=cfg.recon, perceptual_weight=cfg.perceptual_weight, vq_weight=cfg.vq_weight,
-        unquantized_weight=cfg.unquantized_weight,
+        unquantized_weight=cfg.unquantized_weight, return_recon=True,
     )
+    if disc is not None:
+        g_adv = -disc(x_hat).mean()  # hinge generator loss (VQGAN Eq. 5)
+        loss = loss + cfg.adversarial_weight * g_adv
+        logs["g_adv"], logs["loss"] = g_adv.item(), loss.item()
+    return (loss, logs, x_hat) if return_recon else (loss, logs)
+
+
+def stage_a_disc_loss(models: dict[str, nn.Module], batch: dict[str, Tensor], recon: Tensor):
+    """Discriminator step of Stage A's optional GAN term: hinge loss on real images vs reconstructions."""
+    loss = hinge_d_loss(models["discriminator"](batch["image"]), models["discriminator"](recon.detach()))
+    return loss, {"d_loss": loss.item()}
 
 
 def perturb_semantic(z: Tensor, cfg: StageBLossConfig) -> Tensor:
-    """Per sample: zero z with prob p_sem_zero, else noise it (t ~ U(0, tmax)) with prob p_sem_noise."""
-    u = torch.rand(z.shape[0], device=z.device)
+    """v1's semantic-latent augmentation (see ``StageBLossConfig``): zero with p_sem_zero, else noise
+    with p_sem_noise at t ~ U(0, tmax) per sample, in cfg.sem_noise_space; drawn per batch or sample."""
+    n = 1 if cfg.sem_per_batch else z.shape[0]
+    u_zero, u_noise = torch.rand(2, n, device=z.device)  # v1 draws twice: zero, else noise
+    zero, noise = u_zero < cfg.p_sem_zero, (u_zero >= cfg.p_sem_zero) & (u_noise < cfg.p_sem_noise)
     t = torch.rand(z.shape[0], device=z.device) * cfg.sem_noise_tmax
-    noised = add_noise(z, t, torch.randn_like(z))
+    if cfg.sem_noise_space == "prior":
+        p = (z + cfg.sem_latent_shift) / cfg.sem_latent_scale  # as stage_c.to_prior_space
+        noised = add_noise(p, t, torch.randn_like(z)) * cfg.sem_latent_scale - cfg.sem_latent_shift
+    else:
+        noised = add_noise(z, t, torch.randn_like(z))
     view = (-1,) + (1,) * (z.dim() - 1)
-    z = torch.where((u < cfg.p_sem_zero + cfg.p_sem_noise).view(view), noised, z)
-    return torch.where((u < cfg.p_sem_zero).view(view), torch.zeros_like(z), z)
+    z = torch.where(noise.view(view), noised, z)
+    return torch.where(zero.view(view), torch.zeros_like(z), z)
 
 
 def stage_b_loss(models: dict[str, nn.Module], batch: dict[str, Tensor], cfg: StageBLossConfig | None = None):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -185,3 +187,70 @@ def test_unwritable_root_fails_before_work(tmp_path):
     blocker.write_text("x")
     with pytest.raises((ValueError, OSError)):
         Store(str(blocker / "sub")).check_writable()
+
+
+# Two branches from one root: r -> (x1 -> x2) and r -> y. Stage bodies meet at a barrier, so the
+# test fails (BrokenBarrierError) unless x1 and y really run at the same time.
+@dataclass(frozen=True)
+class BranchCfg:
+    fail: bool = False
+    wait_s: float = 0.0
+
+
+def _branch_stage(name, barrier, events):
+    def run(inputs, cfg, out):
+        events.append(("start", name))
+        if barrier is not None:
+            barrier.wait(timeout=20)
+        time.sleep(cfg.wait_s)
+        if cfg.fail:
+            raise RuntimeError(f"{name} failed on purpose")
+        out.write_bytes("part.txt", name.encode())
+        events.append(("end", name))
+        return {"rows": 1}
+    return run
+
+
+def _branches(barrier, events):
+    return [Stage("r", _branch_stage("r", None, events), BranchCfg),
+            Stage("x1", _branch_stage("x1", barrier, events), BranchCfg, inputs=("r",)),
+            Stage("x2", _branch_stage("x2", None, events), BranchCfg, inputs=("x1",)),
+            Stage("y", _branch_stage("y", barrier, events), BranchCfg, inputs=("r",))]
+
+
+def _run_branches(tmp_path, overrides=()):
+    events: list = []
+    stages = _branches(threading.Barrier(2), events)
+    cfg = C.load(None, [f"run.root={tmp_path}", "run.parallel_stages=2", *overrides],
+                 {s.name: s.config for s in stages})
+    store = Store(cfg.run.root)
+    return stages, cfg, store, events
+
+
+def test_independent_branches_run_at_the_same_time(tmp_path):
+    stages, cfg, store, events = _run_branches(tmp_path)
+    summary = runner.execute(runner.plan(stages, cfg, store), cfg, store, "r")
+    # Both branch heads started before either ended (the barrier proves they overlapped), and
+    # x2 started only after x1 ended; the summary keeps plan order.
+    assert events.index(("start", "y")) < events.index(("end", "x1"))
+    assert events.index(("end", "x1")) < events.index(("start", "x2"))
+    assert [r["stage"] for r in summary["stages"]] == ["r", "x1", "x2", "y"]
+    assert all(r["action"] == "run" and r["counts"] == {"rows": 1} for r in summary["stages"])
+    again = runner.plan(stages, cfg, store)
+    assert [s.action for s in again] == ["cached"] * 4
+
+
+def test_a_failed_branch_stops_new_stages_and_the_running_one_keeps_its_manifest(tmp_path):
+    # x1 fails at once; y (already running, slower) still finishes and writes its manifest;
+    # x2 never starts; the error is the one x1 raised.
+    stages, cfg, store, events = _run_branches(tmp_path, ["x1.fail=true", "y.wait_s=0.5"])
+    with pytest.raises(RuntimeError, match="x1 failed on purpose"):
+        runner.execute(runner.plan(stages, cfg, store), cfg, store, "r")
+    assert ("end", "y") in events and ("start", "x2") not in events
+    after = {s.stage.name: s.action for s in runner.plan(stages, cfg, store)}
+    assert after["r"] == "cached" and after["y"] == "cached" and after["x1"] == "run"
+
+
+def test_parallel_stages_must_be_positive(tmp_path):
+    with pytest.raises(C.ConfigError, match="run.parallel_stages: must be >= 1"):
+        C.load(None, [f"run.root={tmp_path}", "run.parallel_stages=0"], TOY_CFGS)

@@ -333,6 +333,14 @@ def _source(rows: dict[str, np.ndarray], batch: int):
     return data
 
 
+
+def _pairs(rng, n: int) -> dict:
+    """``n`` inversion pairs as pagoda_invert writes them: 32 px images, 16 px latents and their flips."""
+    pairs = {"row_id": np.arange(n), "image": rng.uniform(-1, 1, (n, 3, 32, 32)).astype(np.float32),
+             "latent": (80 * rng.standard_normal((n, 3, 16, 16))).astype(np.float32)}
+    pairs["latent_flip"] = pairs["latent"][..., ::-1].copy()
+    return pairs
+
 def test_teacher_and_growth_specs_train_in_the_harness(store):
     rng = np.random.default_rng(0)
     n = 16
@@ -352,9 +360,7 @@ def test_teacher_and_growth_specs_train_in_the_harness(store):
     gcfg = GrowConfig(resolution=32, channels=8, w_adv=0.5)
     gart = store.artifact("pagoda_grow_32", "k")
     gmeta = {**dart.read_json("model_config.json"), "resolution": 32}
-    pairs = {"row_id": np.arange(n), "image": rng.uniform(-1, 1, (n, 3, 32, 32)).astype(np.float32),
-             "latent": (80 * rng.standard_normal((n, 3, 16, 16))).astype(np.float32)}
-    pairs["latent_flip"] = pairs["latent"][..., ::-1].copy()
+    pairs = _pairs(rng, n)
     spec = generator_spec(gcfg, 32, gmeta, lambda: grow_2x(load_one_step(dart)[0].train(), growth_config(gcfg)),
                           preview=pairs)
     before = load_weights(dart, "generator")
@@ -367,3 +373,30 @@ def test_teacher_and_growth_specs_train_in_the_harness(store):
                                                                            before["net.out_conv.weight"])
     assert after["net.dec.32x32_block0.conv0.weight"].shape[0] == 8
     assert Image.open(io.BytesIO(gart.read_bytes("preview.png"))).size[0] > 64
+
+
+def test_512_style_growth_trains_a_separate_reconstruction_discriminator(store):
+    with pytest.raises(ConfigError, match=r"^stages.g.rec_discriminator: needs w_rec_adv > 0"):
+        build(GrowConfig, {"rec_discriminator": True}, "stages.g")
+    with pytest.raises(ConfigError, match=r"^stages.g.freeze: expected 'official' or 'top_levels'"):
+        build(GrowConfig, {"freeze": "all"}, "stages.g")
+    with pytest.raises(ConfigError, match=r"^stages.g.lambda_layer: expected 'last_block' or 'head'"):
+        build(GrowConfig, {"lambda_layer": "conv"}, "stages.g")
+    rng = np.random.default_rng(0)
+    n = 8
+    tart, dart = store.artifact("pagoda_teacher", "k"), store.artifact("pagoda_distill", "k")
+    tiny_teacher_artifact(tart, text=False)
+    tiny_generator_artifact(dart, tart, grow=0)
+    gcfg = GrowConfig(resolution=32, separate_updates=True, w_rec_adv=0.5, rec_discriminator=True,
+                      adaptive_max_resolution=16)  # lambda = 1 at 32 px here, as at >= 256 px by default
+    gmeta = {**dart.read_json("model_config.json"), "resolution": 32}
+    pairs = _pairs(rng, n)
+    spec = generator_spec(gcfg, 32, gmeta, lambda: grow_2x(load_one_step(dart)[0].train(), growth_config(gcfg)),
+                          preview=pairs)
+    assert set(spec.optimizers) == {"generator", "discriminator", "rec_discriminator"}
+    train = TrainConfig(engine="torch", num_workers=1, batch_size=4, total_steps=2, log_every=1, ckpt_every=0)
+    gart = store.artifact("pagoda_grow_32", "k")
+    train_run(spec, train, gart, checkpoints=DirCheckpoints(gart), data=_source(pairs, 4), model_config=gmeta)
+    hist = [json.loads(x) for x in gart.read_bytes("metrics.jsonl").splitlines()]
+    assert {"loss_rec", "loss_rec_adv", "loss_d_rec", "lr/rec_discriminator"} <= set(hist[0])
+    assert {"loss_adv", "loss_d_rec"} <= set(hist[1]) and hist[1]["lambda_adv"] == 1.0

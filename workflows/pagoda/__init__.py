@@ -7,11 +7,17 @@ distilled from the pairs, then grown 2x at a time. The family's rows of the stag
     pagoda_grow_R    pairs: pagoda_invert, generator: G    one new 2x decoder level at R, same base z (Sec. 3.3)
     pagoda_sample    shard, one role per generator         one-step grids per R + SWD vs. G at init (sample.py)
 
-Growing further is one row in ``GROWTH`` plus its config section (``pagoda_grow_128: {resolution:
-128}``): the sample stage's inputs and ``GENERATORS`` follow from the rows.
+The growth rows come from the config (``table_for``): the base B is ``pagoda_teacher.resolution``, the
+target the largest ``pagoda_grow_<R>`` section, and there is one row per doubling in between (the paper:
+64 -> 128 -> 256 -> 512). Each growth section sets its ``resolution`` to its R. The sample stage's
+inputs and the generators follow from the rows. ``STAGES`` / ``GENERATORS`` are the default table
+(B 16, grown to 64: the demo's).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -26,7 +32,8 @@ from workflows.pagoda.sample import SampleConfig, decode, run_sample
 from workflows.pagoda.stages import DistillConfig, GrowConfig, TeacherConfig, run_distill, run_grow, run_teacher
 from workflows.train import train_resources
 
-__all__ = ["STAGES", "GENERATORS", "GROWTH", "load_generator", "grow_stage", "family_table", "generators"]
+__all__ = ["STAGES", "GENERATORS", "GROWTH", "load_generator", "grow_stage", "growth", "family_table", "generators",
+           "table_for", "base_resolution", "check_growth"]
 
 # The base resolution B the table's model names assume: pagoda_teacher.resolution (the paper: 64).
 BASE = TeacherConfig.resolution
@@ -64,17 +71,56 @@ def generators(stages: list[Stage], base: int = BASE) -> dict[str, dict[str, str
     return {f"pagoda_{r}": {"generator": name} for name, r in res.items()}
 
 
-def family_table(growth: list[Stage]) -> list[Stage]:
+def family_table(growth: list[Stage], base: int = BASE) -> list[Stage]:
     """Teacher, inversion, distillation, the ``growth`` rows, and a sample stage that reads every generator."""
     rows = [TEACHER, INVERT, DISTILL, *growth]
-    sample_inputs = {"shard": "shard", **{model: g["generator"] for model, g in generators(rows).items()}}
+    sample_inputs = {"shard": "shard", **{model: g["generator"] for model, g in generators(rows, base).items()}}
     return [*rows, Stage("pagoda_sample", run_sample, SampleConfig, inputs=sample_inputs, uses_ray=True,
                          resources=pool_resources)]
 
 
-# To grow further, add grow_stage(128, after="pagoda_grow_64") here and `pagoda_grow_128: {resolution: 128}`
-# to the config.
-GROWTH = [grow_stage(32, after="pagoda_distill"), grow_stage(64, after="pagoda_grow_32")]
+GROW = "pagoda_grow_"
+
+
+def growth(base: int, target: int) -> list[Stage]:
+    """One 2x growth row per doubling from ``base`` to ``target`` (Sec. 3.3: 64 -> 128 -> 256 -> 512)."""
+    ratio = target // base if base > 0 and target % base == 0 else 0
+    if ratio < 1 or ratio & (ratio - 1):
+        raise ValueError(f"{GROW}{target}: {target} px is not the base {base} px (pagoda_teacher.resolution) "
+                         "times a power of two")
+    rows: list[Stage] = []
+    while (res := base * 2 ** (len(rows) + 1)) <= target:
+        rows.append(grow_stage(res, after=rows[-1].name if rows else "pagoda_distill"))
+    return rows
+
+
+def base_resolution(sections: Mapping[str, Any]) -> int:
+    """B of a config's raw ``stages`` sections: ``pagoda_teacher.resolution`` (a bad value is left to the
+    loader to report)."""
+    teacher = sections.get("pagoda_teacher")
+    base = teacher.get("resolution", BASE) if isinstance(teacher, Mapping) else BASE
+    return base if isinstance(base, int) and not isinstance(base, bool) and base > 0 else BASE
+
+
+def table_for(sections: Mapping[str, Any]) -> list[Stage]:
+    """The family's rows for a config's ``stages`` sections (raw YAML, overrides merged): B is
+    ``pagoda_teacher.resolution``, the target the largest ``pagoda_grow_<R>`` section (none: 4B, two
+    growth steps as in the default table)."""
+    base = base_resolution(sections)
+    grown = [int(k[len(GROW):]) for k in sections if k.startswith(GROW) and k[len(GROW):].isdigit()]
+    return family_table(growth(base, max(grown, default=4 * base)), base)
+
+
+def check_growth(stages: list[Stage], configs: Mapping[str, Any]) -> None:
+    """Each growth row's section must say the resolution its row makes (GrowConfig's default is 32)."""
+    for st in stages:
+        if st.fn is run_grow and configs[st.name].resolution != (res := int(st.name[len(GROW):])):
+            raise ValueError(f"stages.{st.name}.resolution: the row grows to {res} px, got "
+                             f"{configs[st.name].resolution} (set resolution: {res})")
+
+
+# The default table: B = TeacherConfig.resolution (16), grown to 64 (the demo's two rows).
+GROWTH = growth(BASE, 4 * BASE)
 
 STAGES = family_table(GROWTH)
 GENERATORS = generators(STAGES)

@@ -38,6 +38,7 @@ from genmodels.pagoda import (
     grow_2x,
     grown_config,
     ode_sample,
+    rec_discriminator_loss,
     teacher_loss,
 )
 from pipeline.config import check
@@ -101,10 +102,20 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """Stage 2b (and, via GrowConfig, Stage 3). Optimization is `train` (G: lr, ema_decay, batch_size,
+    grad_clip) plus `lr_d`, the one place to set it (paper: lr_G 8e-6, lr_D 2e-3, EMA 0.999, batch 96).
+    The official optimizer is RAdam without weight decay and without gradient clipping (sony/pagoda
+    cm/train_util.py `load_model`; cm/fp16_util.py `optimize` only measures the norm). The harness has
+    AdamW; we keep its clipping (train.grad_clip 1.0) as a guard for small-batch CPU runs, and
+    `train.grad_clip: 0` gives the official no-clipping."""
+
     w_adv: float = 0.2  # 0.2 at the base resolution, 1.0 while growing (Sec. 3.2-3.3)
     adaptive: bool = True  # VQGAN adaptive lambda
+    adaptive_max_resolution: int = 128  # lambda = 1 above this (official 256/512 scripts)
+    lambda_layer: str = "last_block"  # W of lambda: "last_block" (official) or "head"
     separate_updates: bool = False  # >= 256 px: L_rec and L_adv take alternate optimizer steps
     w_rec_adv: float = 0.0  # 512 px: adversarial loss on the reconstructions (0.5)
+    rec_discriminator: bool = False  # 512 px: a second D of its own for w_rec_adv (official), lr lr_d
     lr_d: float = 1e-3  # D's learning rate (train.lr is G's)
     disc: str = "tiny"  # "tiny" (frozen random convs) or a timm backbone: vit_small_patch16_224.dino
     disc_pretrained: bool = True
@@ -121,6 +132,8 @@ class DistillConfig:
 
     def validate(self) -> None:
         check([("w_adv", self.w_adv >= 0, "must be >= 0"), ("w_rec_adv", self.w_rec_adv >= 0, "must be >= 0"),
+               ("lambda_layer", self.lambda_layer in ("last_block", "head"), "expected 'last_block' or 'head'"),
+               ("rec_discriminator", not self.rec_discriminator or self.w_rec_adv > 0, "needs w_rec_adv > 0"),
                ("lr_d", self.lr_d > 0, "must be > 0"), ("perceptual", len(self.perceptual) >= 1, "needs a net"),
                ("omega_range", self.omega_range[0] <= self.omega_range[1], "expected (low, high)"),
                ("omega_cond", self.omega_cond or (self.w_dstl == 0 and self.omega_range == (0.0, 0.0)),
@@ -133,13 +146,18 @@ class DistillConfig:
 class GrowConfig(DistillConfig):
     resolution: int = 32  # output resolution: twice the input generator's (the stage's name says which)
     channels: int = 0  # width of the new level; 0 = the current top level's
-    trainable_levels: int = 1  # top decoder levels of the smaller G that keep training (Fig. 3)
+    # Which decoder blocks train (Fig. 3): "official" = from block 1 of the base/2 level upward, every
+    # grown level included (sony/pagoda --activate_from=9; genmodels/pagoda/growth.py); "top_levels" =
+    # only the top `trainable_levels` levels of the smaller G, the new level and the head (cheaper).
+    freeze: str = "official"
+    trainable_levels: int = 1
     w_adv: float = 1.0
 
     def validate(self) -> None:
         super().validate()
         check([("resolution", self.resolution >= 16, "must be >= 16"), ("channels", self.channels >= 0, ">= 0"),
-                ("trainable_levels", self.trainable_levels >= 0, "must be >= 0")])
+               ("freeze", self.freeze in ("official", "top_levels"), "expected 'official' or 'top_levels'"),
+               ("trainable_levels", self.trainable_levels >= 0, "must be >= 0")])
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,7 +243,9 @@ def run_teacher(inputs: dict[str, Artifact], cfg: TeacherConfig, out: Artifact) 
 
 def pagoda_config(cfg: DistillConfig, resolution: int) -> PagodaConfig:
     return PagodaConfig(resolution=resolution, w_adv=cfg.w_adv, adaptive=cfg.adaptive,
-                        separate_updates=cfg.separate_updates, w_rec_adv=cfg.w_rec_adv, omega_range=cfg.omega_range,
+                        adaptive_max_resolution=cfg.adaptive_max_resolution, lambda_layer=cfg.lambda_layer,
+                        separate_updates=cfg.separate_updates, w_rec_adv=cfg.w_rec_adv,
+                        rec_discriminator=cfg.rec_discriminator, omega_range=cfg.omega_range,
                         w_dstl=cfg.w_dstl, dstl_points=cfg.dstl_points, w_clip=cfg.w_clip)
 
 
@@ -250,9 +270,11 @@ def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], bu
     adversarial = cfg.w_adv > 0 or cfg.w_rec_adv > 0
 
     def build_models(tc: TrainConfig) -> dict[str, nn.Module]:
+        embed_dim = clip_mod.text_dims(text["name"])[1] if text else 0
         models = {"generator": build_generator(), "perceptual": build_perceptual(cfg, resolution),
-                  "discriminator": build_discriminator(cfg, resolution,
-                                                       clip_mod.text_dims(text["name"])[1] if text else 0)}
+                  "discriminator": build_discriminator(cfg, resolution, embed_dim)}
+        if cfg.rec_discriminator:
+            models["rec_discriminator"] = build_discriminator(cfg, resolution, embed_dim)
         if cfg.w_dstl > 0:
             models["teacher"] = load_teacher(open_artifact(teacher_uri))[0]
         if cfg.w_clip > 0:
@@ -269,6 +291,10 @@ def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], bu
             d_loss, d_logs = discriminator_loss(models, batch, pcfg)
             ctx.backward_step("discriminator", d_loss)
             out.update(loss_d=d_loss.detach(), d_real=d_logs["d_real"], d_fake=d_logs["d_fake"])
+        if cfg.rec_discriminator:
+            r_loss, r_logs = rec_discriminator_loss(models, batch, pcfg)
+            ctx.backward_step("rec_discriminator", r_loss)
+            out.update(loss_d_rec=r_loss.detach(), d_rec=r_logs["d_rec"])
         return out
 
     def sample(models: dict[str, nn.Module], n: int, gen: torch.Generator) -> Tensor:
@@ -282,6 +308,8 @@ def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], bu
 
     groups = {"generator": OptimGroup(("generator",)),
               "discriminator": OptimGroup(("discriminator",), lr_mult=cfg.lr_d / cfg.train.lr)}
+    if cfg.rec_discriminator:
+        groups["rec_discriminator"] = OptimGroup(("rec_discriminator",), lr_mult=cfg.lr_d / cfg.train.lr)
     return TrainSpec(build_models=build_models, optimizers=groups, step=step, sample=sample,
                      ema_modules=("generator",), export_modules=("generator",), collate=pair_collate(cfg.flip))
 
@@ -301,15 +329,17 @@ def run_distill(inputs: dict[str, Artifact], cfg: DistillConfig, out: Artifact) 
     teacher = inputs["teacher"]
     tmeta = teacher.read_json("model_config.json")
     gcfg = GeneratorConfig(omega_cond=cfg.omega_cond)
-    meta = {"kind": "pagoda_generator", "unet": tmeta["unet"], "generator": dataclasses.asdict(gcfg),
-            "text": tmeta["text"], "teacher": teacher.uri, "resolution": tmeta["resolution"],
-            "base_resolution": tmeta["resolution"]}
+    # The generator drops the teacher's dropout (Generator.from_teacher), and so does its saved config.
+    meta = {"kind": "pagoda_generator", "unet": {**tmeta["unet"], "dropout": 0.0},
+            "generator": dataclasses.asdict(gcfg), "text": tmeta["text"], "teacher": teacher.uri,
+            "resolution": tmeta["resolution"], "base_resolution": tmeta["resolution"]}
     return _fit_generator(cfg, inputs["pairs"], tmeta["resolution"], meta,
                           lambda: Generator.from_teacher(load_teacher(teacher)[0], gcfg), out)
 
 
 def growth_config(cfg: GrowConfig) -> GrowthConfig:
-    return GrowthConfig(channels=cfg.channels or None, trainable_levels=cfg.trainable_levels)
+    train_from = GrowthConfig().train_from if cfg.freeze == "official" else None
+    return GrowthConfig(channels=cfg.channels or None, train_from=train_from, trainable_levels=cfg.trainable_levels)
 
 
 def run_grow(inputs: dict[str, Artifact], cfg: GrowConfig, out: Artifact) -> dict[str, Any]:

@@ -21,6 +21,9 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only read when use_gpu
+    # Ray Train's placement of the workers: PACK fills a multi-GPU node first (NVLink all-reduce);
+    # STRICT_SPREAD puts each worker on its own node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # "deepspeed": one DeepSpeed engine per optimizer group; "torch": plain loss.backward() and
     # optimizer.step() (gradients all-reduced by hand across workers), for debugging.
     engine: Literal["deepspeed", "torch"] = "deepspeed"

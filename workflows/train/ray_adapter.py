@@ -97,6 +97,7 @@ def _remaining(ds: Any, skip: Any, id_col: str, rank: int, world: int) -> Any:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -124,8 +125,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         device = torch.device("cuda", 0) if cfg.use_gpu else torch.device("cpu")
     checkpoints = DirCheckpoints(out, cfg.ckpt_keep, RUN_NAME) if local else RayCheckpoints()
-    return loop.run(spec, cfg, out, checkpoints=checkpoints, data=data if train is not None else None,
-                    extra_data=shards, model_config=config["model_config"], device=device)
+    nodes = [ray.get_runtime_context().get_node_id()] * cfg.world_size
+    if cfg.world_size > 1:  # Ray Train has set up the default (gloo or NCCL) group for the workers
+        dist.all_gather_object(nodes, nodes[0])
+    summary = loop.run(spec, cfg, out, checkpoints=checkpoints, data=data if train is not None else None,
+                       extra_data=shards, model_config=config["model_config"], device=device)
+    return summary if summary is None else {**summary, "nodes": len(set(nodes))}
 
 
 def train_resources(stage_cfg: Any) -> dict[str, float]:
@@ -155,7 +160,8 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
         train_loop_config={"spec": spec, "cfg": cfg, "out": out, "model_config": model_cfg_json or {},
                            "dataset_names": sorted(datasets), "train_dataset": datasets.get("train")},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=cfg.worker_resources),
+                                               resources_per_worker=cfg.worker_resources,
+                                               placement_strategy=cfg.placement_strategy),
         run_config=run_config, datasets=datasets or None,
         dataset_config=ray.train.DataConfig(execution_options={"train": _ingest_options(cfg)}))
     result = trainer.fit()

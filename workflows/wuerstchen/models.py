@@ -14,11 +14,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import open_clip
 import torch
 from torch import nn
 
-from genmodels.clip import TINY, TextEncoder, text_dims
+from genmodels.clip import TINY, TextEncoder, open_clip_lib, text_dims
 from genmodels.wuerstchen import (
     COMPRESSOR_PRESETS,
     STAGE_A_PRESETS,
@@ -101,24 +100,62 @@ def stage_c_steps(n: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """An open_clip model (``genmodels.clip.TextEncoder``). Paper: ViT-H-14 for Stage B,
-    ViT-bigG-14 for Stage C (laion2b tags, ``genmodels.clip.H14`` / ``BIGG``)."""
+    """The text encoder (``genmodels.clip.TextEncoder``).
+
+    ``library="open_clip"`` (default): ``name`` is an open_clip model, ``pretrained`` its tag or a
+    local checkpoint. Paper: ViT-H-14 for Stage B, ViT-bigG-14 for Stage C (laion2b tags,
+    ``genmodels.clip.H14`` / ``BIGG``). ``library="transformers"``: ``name`` is a transformers
+    CLIP text model (a local directory or a hub id, ``from_pretrained``) and ``tokenizer`` its
+    tokenizer ("" = the same place), encoded with the tokenizer's padding mask exactly as the
+    official diffusers Würstchen pipelines do (``TextEncoder.from_hf``); that is how the public
+    v2 weights were trained, so ``official.py`` uses it.
+    """
 
     name: str = TINY
     pretrained: str = ""  # open_clip tag or local checkpoint; "" = random, seeded (tiny only)
+    library: Literal["open_clip", "transformers"] = "open_clip"
+    tokenizer: str = ""  # transformers only: tokenizer directory or hub id ("" = name)
 
     def validate(self) -> None:
-        if open_clip.get_model_config(self.name) is None:
+        if self.library == "transformers":
+            if not self.name:
+                raise ValueError("name: a transformers CLIP text model directory or hub id is required")
+            if self.pretrained:
+                raise ValueError("pretrained: open_clip only; with library=transformers, name is the weights")
+            return
+        if self.tokenizer:
+            raise ValueError("tokenizer: transformers only (open_clip models bring their own)")
+        if open_clip_lib().get_model_config(self.name) is None:
             raise ValueError(f"name: unknown open_clip model {self.name!r}")
 
     @property
     def width(self) -> int:
         """Width of one token state (a network's ``c_clip``), from the model config alone."""
+        if self.library == "transformers":
+            import transformers
+
+            cfg = transformers.AutoConfig.from_pretrained(self.name)
+            return int(getattr(cfg, "text_config", cfg).hidden_size)  # a full CLIPModel or a text model
         return text_dims(self.name)[0]
 
     def build(self) -> TextEncoder:
-        # tokens=0: all 77 last-layer states; Stages B and C attend to the unpooled context (§3).
-        return TextEncoder(self.name, self.pretrained, tokens=0, pooled=False)  # B and C attend to states only
+        # tokens=0: all 77 last-layer states; Stages B and C attend to the unpooled context (§3),
+        # so no pooled pass either.
+        if self.library == "transformers":
+            return TextEncoder.from_hf(*_hf_clip(self.name, self.tokenizer or self.name), tokens=0, pooled=False)
+        return TextEncoder(self.name, self.pretrained, tokens=0, pooled=False)
+
+
+def _hf_clip(model: str, tokenizer: str):
+    """(CLIP text model, tokenizer) through transformers' own loaders, as diffusers loads them."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(model)
+    # A checkpoint saved with its projection loads with it (text_embeds); a full CLIPModel or a
+    # plain text model loads as CLIPTextModel (diffusers' Würstchen pipelines use that class).
+    with_proj = "CLIPTextModelWithProjection" in (getattr(cfg, "architectures", None) or [])
+    cls = transformers.CLIPTextModelWithProjection if with_proj else transformers.CLIPTextModel
+    return cls.from_pretrained(model), transformers.AutoTokenizer.from_pretrained(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------

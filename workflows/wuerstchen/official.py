@@ -1,5 +1,12 @@
 """The public Würstchen v2 weights in diffusers layout (DIR/prior, DIR/decoder, DIR/vqgan) as a
-``ModelSet``; text encoders are open_clip ViT-bigG-14 (C) and ViT-H-14 (B) with their LAION tags.
+``ModelSet``, and the v2 semantic compressor (``load_official_compressor``).
+
+Text encoders: transformers CLIP text models encoded with the tokenizer's padding mask, as
+diffusers' ``WuerstchenPriorPipeline`` / ``WuerstchenDecoderPipeline._encode_prompt`` do
+(pipelines/deprecated/wuerstchen): ViT-bigG-14 for C from DIR/prior_text_encoder +
+DIR/prior_tokenizer, ViT-H-14 for B from DIR/text_encoder + DIR/tokenizer (the combined
+pipeline's folder names), else the LAION hub ids that diffusers' scripts/convert_wuerstchen.py
+built the pipelines from.
 """
 
 from __future__ import annotations
@@ -18,7 +25,11 @@ from genmodels.wuerstchen import COMPRESSOR_PRESETS, map_diffusers_state_dict
 from workflows.wuerstchen.models import ModelSet, TextEncoderConfig, build_module, model_config
 
 OFFICIAL_SUBDIR = {"stage_c": "prior", "stage_b": "decoder", "stage_a": "vqgan"}
-OFFICIAL_TEXT = {"stage_c": TextEncoderConfig(*BIGG), "stage_b": TextEncoderConfig(*H14)}
+# (model folder, tokenizer folder, hub id used when the folders are absent)
+OFFICIAL_TEXT = {"stage_c": ("prior_text_encoder", "prior_tokenizer", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
+                 "stage_b": ("text_encoder", "tokenizer", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")}
+# The same models through open_clip (causal mask only: padding states differ from the official ones).
+OPEN_CLIP_TEXT = {"stage_c": TextEncoderConfig(*BIGG), "stage_b": TextEncoderConfig(*H14)}
 
 
 def _read_state_dict(folder: str) -> dict[str, torch.Tensor]:
@@ -83,11 +94,36 @@ def load_official(directory: str, kind: str) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
+def official_text(directory: str, kind: str, override: str = "") -> TextEncoderConfig:
+    """Stage ``kind``'s text encoder as the official pipeline runs it (transformers + padding mask).
+    ``override``: a transformers CLIP text model directory or hub id (its tokenizer beside it)."""
+    model_dir, tok_dir, hub_id = OFFICIAL_TEXT[kind]
+    if override:
+        return TextEncoderConfig(name=override, library="transformers")
+    model_path, tok_path = os.path.join(directory, model_dir), os.path.join(directory, tok_dir)
+    if os.path.isdir(model_path):
+        return TextEncoderConfig(name=model_path, library="transformers",
+                                 tokenizer=tok_path if os.path.isdir(tok_path) else "")
+    return TextEncoderConfig(name=hub_id, library="transformers")
+
+
 def load_official_set(directory: str, clip_c: str = "", clip_b: str = "") -> ModelSet:
-    """The three v2 networks; ``clip_c`` / ``clip_b`` replace the text encoders' pretrained tags
-    (e.g. a local checkpoint on an offline machine)."""
-    text_c = dataclasses.replace(OFFICIAL_TEXT["stage_c"], **({"pretrained": clip_c} if clip_c else {}))
-    text_b = dataclasses.replace(OFFICIAL_TEXT["stage_b"], **({"pretrained": clip_b} if clip_b else {}))
+    """The three v2 networks and their text encoders (``official_text``); ``clip_c`` / ``clip_b``
+    replace the text encoders' location (e.g. a local copy on an offline machine)."""
     return ModelSet(stage_a=load_official(directory, "stage_a"), stage_b=load_official(directory, "stage_b"),
-                    stage_c=load_official(directory, "stage_c"), text_c=text_c, text_b=text_b,
+                    stage_c=load_official(directory, "stage_c"), text_c=official_text(directory, "stage_c", clip_c),
+                    text_b=official_text(directory, "stage_b", clip_b),
                     compressor=dataclasses.asdict(COMPRESSOR_PRESETS["paper"]), image_size=1024)
+
+
+def load_official_compressor(state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The v2 semantic compressor from its state dict (``effnet_state_dict`` of the v2 Stage B
+    checkpoint, as diffusers' examples/research_projects/wuerstchen loads it into its
+    ``EfficientNetEncoder``). Its names are ours (``backbone.*``, ``mapper.0``, ``mapper.1``); its
+    final BatchNorm has a learned scale/shift (``mapper.1.weight`` / ``.bias``), which v3's
+    compressor dropped (affine=False), so ``bn_affine`` follows the weights."""
+    sd = state_dict.get("effnet_state_dict", state_dict)
+    cfg = dataclasses.replace(COMPRESSOR_PRESETS["paper"], pretrained=False, bn_affine="mapper.1.weight" in sd)
+    module = build_module("compressor", cfg)
+    module.load_state_dict(sd, strict=True)
+    return module.eval().requires_grad_(False)

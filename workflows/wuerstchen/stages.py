@@ -24,10 +24,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from genmodels.wuerstchen import (
+    PatchDiscriminator,
     SemanticCompressor,
     StageA,
     StageALossConfig,
@@ -35,8 +35,11 @@ from genmodels.wuerstchen import (
     StageBLossConfig,
     StageC,
     StageCLossConfig,
+    convert_sync_batchnorm,
+    estimate_latent_scale,
     sample_stage_b,
     sample_stage_c,
+    stage_a_disc_loss,
     stage_a_loss,
     stage_b_loss,
     stage_c_loss,
@@ -80,6 +83,15 @@ class StageATrainConfig(_TrainStage):
     # unquantized_weight > 0: the decoder also learns to read continuous latents, which is how v2 (and
     # encode_a, Stage B, sampling) use Stage A; needed with a small or young codebook. Paper: 0.
     loss: StageALossConfig = field(default_factory=lambda: StageALossConfig(unquantized_weight=1.0))
+    # loss.adversarial_weight > 0 trains this PatchGAN beside Stage A (v1's discriminator: 6 levels, 512 wide).
+    discriminator_widths: tuple[int, ...] = (32, 64, 128)
+    # After training, the latent's std is measured on scale_images training images with the EMA weights
+    # and recorded in model_config.json ("latent_scale"). "estimate": it becomes Stage A's scale_factor,
+    # so encode_a gives Stage B unit-variance latents, which is how the official 0.3764 was found for
+    # the official Stage A (dome272/Wuerstchen vqgan.py: scale_factor=0.3764, "# 1.0" during training);
+    # "official": keep the preset's constant (0.3764) and only record the estimate.
+    latent_scale: Literal["estimate", "official"] = "estimate"
+    scale_images: int = 64
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**_TRAIN))
     kind: typing.ClassVar[str] = "stage_a"
 
@@ -87,6 +99,8 @@ class StageATrainConfig(_TrainStage):
         super().validate()
         if self.resolution < 8 or self.resolution % 4:
             raise ValueError(f"resolution: expected a multiple of 4 >= 8, got {self.resolution}")
+        if self.scale_images < 1:
+            raise ValueError("scale_images: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,9 @@ class StageBTrainConfig(_TrainStage):
     compressor_preset: Preset = "tiny"  # paper: EfficientNetV2-S with torchvision's ImageNet weights
     compressor_overrides: dict[str, Any] = field(default_factory=dict)
     loss: StageBLossConfig = field(default_factory=StageBLossConfig)
+    # Synchronise the compressor's BatchNorms over the workers (v1: SyncBatchNorm over the effnet +
+    # Stage B wrapper, dome272/Wuerstchen train_stage_B.py); no effect on one worker.
+    sync_bn: bool = True
     preview_steps: int = 12
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**_TRAIN))
     kind: typing.ClassVar[str] = "stage_b"
@@ -121,11 +138,32 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 
 
 def _collate(batch: dict[str, np.ndarray], tensors: tuple[str, ...], image: tuple[str, int] | None = None):
-    """Float tensors of ``tensors``; ``image=(column, R)`` decodes that column's bytes as ``image``."""
+    """Float tensors of ``tensors``; ``image=(column, R)`` decodes that column's bytes as ``image``;
+    an ``image`` column already decoded to uint8 (``decode_images``) travels as uint8 (``image_float``
+    converts it on the device, a quarter of the bytes to copy)."""
     out = {k: _tensor(batch[k]) for k in tensors}
     if image:
         out["image"] = _tensor(shard_data.decode(batch[image[0]], image[1]))
+    elif "image" in batch:
+        out["image"] = torch.from_numpy(np.ascontiguousarray(batch["image"]))
     return out
+
+
+def decode_images(batch: dict[str, np.ndarray], column: str, size: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: the encoded ``column`` → ``image`` uint8 (N, 3, R, R).
+
+    Decoding in the dataset pipeline runs in Ray Data's tasks, concurrently with training and in
+    parallel over the CPUs, instead of serially inside each training step (a full-size JPEG
+    decode per image per step was Stage B's input bottleneck at 1024²).
+    """
+    out = {k: v for k, v in batch.items() if k != column}
+    out["image"] = shard_data.decode_u8(batch[column], size)
+    return out
+
+
+def image_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float32 [-1, 1], equal to ``shard_data.decode``; float input passes through."""
+    return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
 def _latent_image(z: torch.Tensor, size: int) -> torch.Tensor:
@@ -138,6 +176,8 @@ class VGGFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
+        import torchvision  # only with perceptual=vgg16: its import costs seconds in every worker
+
         weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1  # downloaded by torchvision on first use
         self.features = torchvision.models.vgg16(weights=weights).features[:16]
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
@@ -169,16 +209,26 @@ def stage_a(inputs: dict[str, Artifact], cfg: StageATrainConfig, out: Artifact) 
     mc = {"family": "wuerstchen", "stage": "stage_a", "preset": cfg.preset, "resolution": cfg.resolution,
           "modules": {"stage_a": dataclasses.asdict(net_cfg)}}
     perceptual = cfg.perceptual
+    adversarial = cfg.loss.adversarial_weight > 0
 
     def build_models(tc: TrainConfig):
         models = {"stage_a": StageA(net_cfg)}
         if perceptual == "vgg16":
             models["perceptual"] = VGGFeatures()  # not in an optimizer group: frozen by the harness
+        if adversarial:
+            models["discriminator"] = PatchDiscriminator(tuple(cfg.discriminator_widths), net_cfg.c_in)
         return models
 
     def step(ctx, batch, i):
-        loss, logs = stage_a_loss(ctx.models, {"image": batch["image"]}, cfg.loss)
-        ctx.backward_step("stage_a", loss)
+        adv_on = adversarial and i >= cfg.loss.adversarial_start
+        models = ctx.models if adv_on else {k: v for k, v in ctx.models.items() if k != "discriminator"}
+        with ctx.trainable("stage_a"):  # the generator's GAN term must not reach D's parameters
+            loss, logs, recon = stage_a_loss(models, {"image": batch["image"]}, cfg.loss, return_recon=True)
+            ctx.backward_step("stage_a", loss)
+        if adv_on:
+            d_loss, d_logs = stage_a_disc_loss(models, {"image": batch["image"]}, recon)
+            ctx.backward_step("discriminator", d_loss)
+            logs |= d_logs
         return logs
 
     def sample(models, n, gen):
@@ -186,10 +236,31 @@ def stage_a(inputs: dict[str, Artifact], cfg: StageATrainConfig, out: Artifact) 
         x = preview[:n].to(next(a.parameters()).device)
         return torch.cat([x, a.decode(a.encode(x)).clamp(-1, 1)])  # top: data, bottom: v2-style decode
 
-    spec = TrainSpec(build_models=build_models, optimizers={"stage_a": OptimGroup(("stage_a",))}, step=step,
+    groups = {"stage_a": OptimGroup(("stage_a",))}
+    if adversarial:
+        groups["discriminator"] = OptimGroup(("discriminator",))
+    spec = TrainSpec(build_models=build_models, optimizers=groups, step=step,
                      sample=sample, ema_modules=("stage_a",), export_modules=("stage_a",),
                      collate=lambda b: _collate(b, (), (image, cfg.resolution)))
-    return _fit(spec, cfg, out, ds, mc)
+    summary = _fit(spec, cfg, out, ds, mc)
+    return summary | _record_latent_scale(shard, image, cfg, out)
+
+
+def _record_latent_scale(shard: Artifact, image: str, cfg: StageATrainConfig, out: Artifact) -> dict[str, Any]:
+    """Measure the trained (EMA) Stage A's latent std on training images and record it in
+    model_config.json; with ``latent_scale="estimate"`` it becomes ``scale_factor`` (see the config)."""
+    rows = shard_data.head(shard, [image], cfg.scale_images, split=shard_data.TRAIN)
+    x = _tensor(shard_data.decode(rows[image], cfg.resolution))
+    est = estimate_latent_scale(load_trained(out, "stage_a"), x.split(16))
+    mc = out.read_json("model_config.json")
+    official = float(mc["modules"]["stage_a"]["scale_factor"])
+    applied = cfg.latent_scale == "estimate"
+    if applied:
+        mc["modules"]["stage_a"]["scale_factor"] = est["std"]
+    mc["latent_scale"] = {"std": est["std"], "mean": est["mean"], "images": len(x), "preset_scale_factor": official,
+                          "applied": applied}
+    out.write_json("model_config.json", mc)
+    return {"latent_std": round(est["std"], 6), "scale_factor": est["std"] if applied else official}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +277,10 @@ def stage_b(inputs: dict[str, Artifact], cfg: StageBTrainConfig, out: Artifact) 
     uncond = load_uncond(src)
     ds = shard_data.read_parquet(src, ["row_id", "latent_a", "text_tokens", image], subdir=DATA,
                                  in_memory=cfg.in_memory)
+    # Images are decoded by Ray Data beside training, not in the step (encoded bytes stay in memory).
+    # batch_size: decoded images stream out a training batch at a time rather than a whole block.
+    ds = ds.map_batches(decode_images, fn_kwargs={"column": image, "size": size}, batch_size=cfg.train.batch_size,
+                        batch_format="numpy")
     rows = shard_data.head(src, ["text_tokens", image], cfg.train.preview_images, subdir=DATA, split=None)
     p_img, p_text = _tensor(shard_data.decode(rows[image], size)), _tensor(rows["text_tokens"])
     comp_cfg = model_config("compressor", cfg.compressor_preset, cfg.compressor_overrides)
@@ -219,13 +294,15 @@ def stage_b(inputs: dict[str, Artifact], cfg: StageBTrainConfig, out: Artifact) 
 
     def build_models(tc: TrainConfig):
         # Stage A is frozen (no optimizer group) and only decodes the preview.
-        return {"stage_b": StageB(b_cfg), "compressor": SemanticCompressor(comp_cfg),
-                "stage_a": load_trained(stage_a_art, "stage_a")}
+        compressor = SemanticCompressor(comp_cfg)
+        if cfg.sync_bn:
+            convert_sync_batchnorm(compressor)
+        return {"stage_b": StageB(b_cfg), "compressor": compressor, "stage_a": load_trained(stage_a_art, "stage_a")}
 
     def step(ctx, batch, i):
         loss, logs = stage_b_loss(ctx.models, {
-            "latent_a": batch["latent_a"], "image_sem": batch["image"], "text_tokens": batch["text_tokens"],
-            "text_tokens_uncond": uncond.to(ctx.device)}, cfg.loss)
+            "latent_a": batch["latent_a"], "image_sem": image_float(batch["image"]),
+            "text_tokens": batch["text_tokens"], "text_tokens_uncond": uncond.to(ctx.device)}, cfg.loss)
         ctx.backward_step("stage_b", loss)
         return logs
 
@@ -238,7 +315,7 @@ def stage_b(inputs: dict[str, Artifact], cfg: StageBTrainConfig, out: Artifact) 
 
     spec = TrainSpec(build_models=build_models, optimizers={"stage_b": OptimGroup(("stage_b", "compressor"))},
                      step=step, sample=sample,
-                     collate=lambda b: _collate(b, ("latent_a", "text_tokens"), (image, size)))
+                     collate=lambda b: _collate(b, ("latent_a", "text_tokens")))
     return _fit(spec, cfg, out, ds, mc)
 
 
