@@ -42,6 +42,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_env() -> dict[str, str]:
+    """The environment for a Ray node or a `ray` CLI call of a cluster other than the session's.
+
+    Without ``RAY_ADDRESS``: the session fixture sets it to its own head, and a node started with
+    it passes it on to its job drivers, which would then join the session's cluster instead of theirs.
+    ``PATH`` starts with this interpreter's bin: job entrypoints say plain ``python``.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    return env
+
+
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 4, temp_root: str | None = None):
     """A real Ray head node on 127.0.0.1 with a job server, stopped on exit.
@@ -55,8 +67,7 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
     # Ray's socket paths must stay short (AF_UNIX limit), so keep the temp dir near /tmp.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir=temp_root or "/tmp")
     # Job entrypoints say plain `python`: it must be this interpreter (the venv's), as under test.sh.
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    env = {**node_env(), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -116,8 +127,7 @@ def ray_worker_node(address: str, num_cpus: int = 2, resources: dict[str, float]
            f"--object-manager-port={free_port()}"]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
         yield temp_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, ray_head, ray_worker_node
+from tests.conftest import REPO, free_port, node_env, ray_head, ray_worker_node
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def test_one_job_spans_two_nodes_with_a_training_worker_on_each(tmp_path):
              f"urls.port={free_port()}", "wuerstchen_stage_a.train.num_workers=2",
              "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD", "wuerstchen_stage_a.train.zero_stage=2",
              "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2"],
-            capture_output=True, text=True, timeout=840, cwd=REPO)
+            capture_output=True, text=True, timeout=840, cwd=REPO, env=node_env())
         worker_logs = list(Path(worker_tmp).glob("session_*/logs/worker-*.out"))
     assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
     (path,) = root.glob("wuerstchen_stage_a/*/manifest.json")

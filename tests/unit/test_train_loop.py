@@ -284,3 +284,20 @@ def test_s3_output_resumes_prunes_checkpoints_and_uploads_logs(moto_s3):
     assert "logs/metrics.jsonl" in names and any(n.startswith("logs/tensorboard/") for n in names)
     assert [json.loads(x)["step"] for x in out.read_bytes("metrics.jsonl").splitlines()] == [2, 4, 6, 8, 10]
     assert load_weights(out, "denoiser").keys() == synthetic.Denoiser().state_dict().keys()
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_radam_without_clipping_trains_as_the_official_pagoda_code(tmp_path, engine):
+    """optimizer=radam (PaGoDA's cm/train_util.py) with grad_clip=0: RAdam is the optimizer both
+    engines step, and the loss goes down."""
+    cfg = _cfg(engine=engine, optimizer="radam", grad_clip=0.0, total_steps=24, ckpt_every=0)
+    box = torch.nn.Linear(4, 4)
+    assert isinstance(engines._optimizer(box, cfg, OptimGroup(modules=("m",))), torch.optim.RAdam)
+    out, s = _run(tmp_path, engine, cfg)
+    hist = [json.loads(line) for line in out.read_bytes("metrics.jsonl").decode().splitlines()]
+    # RAdam's first steps are rectified (momentum SGD), so it starts slower than AdamW here.
+    assert s["steps"] == 24 and hist[-1]["loss"] < 0.95 * hist[0]["loss"]
+    from pipeline.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="t.optimizer"):
+        build(TrainConfig, {"optimizer": "sgd"}, "t")

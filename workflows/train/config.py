@@ -30,7 +30,10 @@ class TrainConfig:
     zero_stage: int = 0  # 0-3; 2 is the usual multi-GPU choice, 3 when the model does not fit
     offload: bool = False  # ZeRO-Offload of optimizer state (and parameters at stage 3) to CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    # Optimization (AdamW; LR warms up linearly, then stays or decays to 0 by cosine).
+    # Optimization (LR warms up linearly, then stays or decays to 0 by cosine). AdamW by default;
+    # "radam" is what PaGoDA's official code trains with (cm/train_util.py: RAdam, no clipping,
+    # so set grad_clip: 0 with it to match).
+    optimizer: Literal["adamw", "radam"] = "adamw"
     batch_size: int = 8  # per worker micro-batch
     grad_accum: int = 1
     grad_clip: float = 1.0  # 0 disables clipping

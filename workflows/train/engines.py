@@ -34,9 +34,11 @@ def _param_groups(box: nn.Module, cfg: TrainConfig, og: OptimGroup) -> list[dict
 
 
 def _optimizer(box: nn.Module, cfg: TrainConfig, og: OptimGroup) -> torch.optim.Optimizer:
-    # torch's AdamW: DeepSpeed's fused/CPU Adam compile C++ on first use (minutes, cold).
-    return torch.optim.AdamW(_param_groups(box, cfg, og), lr=cfg.lr * og.lr_mult, betas=og.betas or cfg.betas,
-                             eps=cfg.eps)
+    # torch's optimizers: DeepSpeed's fused/CPU Adam compile C++ on first use (minutes, cold).
+    kw = {"lr": cfg.lr * og.lr_mult, "betas": og.betas or cfg.betas, "eps": cfg.eps}
+    if cfg.optimizer == "radam":  # weight decay decoupled, as AdamW's, so that weight_decay means one thing
+        return torch.optim.RAdam(_param_groups(box, cfg, og), decoupled_weight_decay=True, **kw)
+    return torch.optim.AdamW(_param_groups(box, cfg, og), **kw)
 
 
 def _schedule(cfg: TrainConfig) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
@@ -44,7 +46,7 @@ def _schedule(cfg: TrainConfig) -> Callable[[torch.optim.Optimizer], torch.optim
 
 
 class TorchGroup(Group):
-    """loss.backward() + AdamW; gradients averaged across workers by hand."""
+    """loss.backward() + the optimizer (AdamW or RAdam); gradients averaged across workers by hand."""
 
     def __init__(self, box: Box, cfg: TrainConfig, og: OptimGroup):
         self.box, self.cfg = box, cfg
@@ -103,7 +105,7 @@ def ds_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch AdamW as client optimizer
+        "zero_allow_untested_optimizer": True,  # torch AdamW / RAdam as client optimizer
         "zero_force_ds_cpu_optimizer": False,  # and with offload, too
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
