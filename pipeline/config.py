@@ -209,12 +209,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(path: str | None, overrides: list[str], stage_configs: dict[str, type]) -> PipelineConfig:
-    """Read YAML, apply overrides, and validate against every stage's config class.
+SECTIONS = ("run", "ray", "stages")
 
-    Overrides may name a stage section directly (``download.image_size=64``) or with
-    the ``stages.`` prefix; ``run.*`` and ``ray.*`` address the other two sections.
-    """
+
+def merged(path: str | None, overrides: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """The YAML at ``path`` with the overrides merged in, not yet validated, and the names of the
+    overrides moved under ``stages`` (``download.x=1`` means ``stages.download.x=1``)."""
     raw: dict[str, Any] = {}
     if path:
         if not os.path.exists(path):
@@ -227,25 +227,33 @@ def load(path: str | None, overrides: list[str], stage_configs: dict[str, type])
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: expected a mapping at the top level")
     over = parse_overrides(overrides)
-    sections = ("run", "ray", "stages")
-    moved = set()  # `download.x=1` means `stages.download.x=1`
+    moved = set()
     for k in list(over):
-        if k not in sections:
+        if k not in SECTIONS:
             over.setdefault("stages", {})[k] = _merge(over.get("stages", {}).get(k, {}), over.pop(k))
             moved.add(k)
-    raw = _merge(raw, over)
-    unknown = sorted(set(raw) - set(sections), key=str)
+    return _merge(raw, over), moved
+
+
+def load(path: str | None, overrides: list[str], stage_configs: dict[str, type]) -> PipelineConfig:
+    """Read YAML, apply overrides, and validate against every stage's config class.
+
+    Overrides may name a stage section directly (``download.image_size=64``) or with
+    the ``stages.`` prefix; ``run.*`` and ``ray.*`` address the other two sections.
+    """
+    raw, moved = merged(path, overrides)
+    unknown = sorted(set(raw) - set(SECTIONS), key=str)
     if unknown:
         if unknown[0] in stage_configs:
             raise ConfigError(f"{unknown[0]}: a stage's settings go under 'stages:' (stages.{unknown[0]})")
-        raise unknown_name(str(unknown[0]), unknown[0], "section", sections)
+        raise unknown_name(str(unknown[0]), unknown[0], "section", SECTIONS)
     stages_raw = raw.get("stages") or {}
     if not isinstance(stages_raw, dict):
         raise ConfigError("stages: expected a mapping of stage name to settings")
     bad = sorted(set(stages_raw) - set(stage_configs), key=str)
     if bad:
-        if bad[0] in moved and difflib.get_close_matches(bad[0], sections, n=1, cutoff=0.6):  # `rn.root=x`
-            raise unknown_name(bad[0], bad[0], "section", sections)
+        if bad[0] in moved and difflib.get_close_matches(bad[0], SECTIONS, n=1, cutoff=0.6):  # `rn.root=x`
+            raise unknown_name(bad[0], bad[0], "section", SECTIONS)
         raise unknown_name(f"stages.{bad[0]}", bad[0], "stage", stage_configs)
     stages = {name: build(cls, stages_raw.get(name), f"stages.{name}") for name, cls in stage_configs.items()}
     return PipelineConfig(run=build(RunConfig, raw.get("run"), "run"),

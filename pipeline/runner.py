@@ -145,7 +145,7 @@ def execute(steps: list[Step], cfg: PipelineConfig, store: Store, run_id: str,
                         started.add(i)
                 before_stage(st.stage)
                 running += 1
-                if parallel == 1:  # in the main thread: Ctrl-C and tracebacks exactly as a plain loop
+                if parallel == 1:  # in the main thread: Ctrl-C interrupts the stage itself
                     _run_step(st, cfg, by_name, version, run_id, finished)
                 else:  # daemon: an interrupted driver exits without waiting for Ray calls to return
                     threading.Thread(target=_run_step, args=(st, cfg, by_name, version, run_id, finished),
@@ -190,8 +190,6 @@ def _run_step(st: Step, cfg: PipelineConfig, by_name: dict[str, Step], version: 
         log.info("[%s] done in %.1fs: %s", st.stage.name, wall, _fmt_counts(counts))
     except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
         finished.put((st, None, e))
-        if cfg.run.parallel_stages <= 1:
-            raise
         return
     finished.put((st, wall, None))
 

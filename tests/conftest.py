@@ -24,7 +24,6 @@ torch.set_num_threads(1)
 
 
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -113,7 +112,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
 
 
 @contextlib.contextmanager
-def ray_worker_node(address: str, num_cpus: int = 2, resources: dict[str, float] | None = None):
+def ray_worker_node(address: str, num_cpus: int = 2):
     """A second raylet on 127.0.0.1 joined to the head at ``address``: another Ray node, as on a
     cluster (own temp dir and ports), stopped on exit. Yields its temp dir."""
     import tempfile
@@ -125,8 +124,6 @@ def ray_worker_node(address: str, num_cpus: int = 2, resources: dict[str, float]
            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
            f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
            f"--object-manager-port={free_port()}"]
-    if resources:
-        cmd.append(f"--resources={json.dumps(resources)}")
     proc = subprocess.Popen(cmd, env=node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:

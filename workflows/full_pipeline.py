@@ -26,8 +26,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import yaml  # noqa: E402
-
 from data_prep import stages as data_stages  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
 from pipeline import runner  # noqa: E402
@@ -54,19 +52,15 @@ def stage_table(sections: Mapping[str, Any]) -> list[Stage]:
 
 
 def raw_sections(path: str | None, overrides: list[str]) -> dict[str, Any]:
-    """The ``stages`` mapping of the YAML with the overrides merged, read before validation only to
-    shape the table (which growth rows exist); anything malformed is left to ``config.load`` to report."""
+    """The ``stages`` mapping of the YAML with the overrides merged (``config.merged``), read before
+    validation only to shape the table (which growth rows exist); anything malformed is left to
+    ``config.load`` to report."""
     try:
-        with open(path or os.devnull) as f:
-            raw = yaml.safe_load(f) or {}
-        stages = dict(raw.get("stages") or {}) if isinstance(raw, dict) else {}
-        over = config_mod.parse_overrides(overrides)
-    except (OSError, yaml.YAMLError, config_mod.ConfigError, AttributeError, TypeError, ValueError):
+        raw, _ = config_mod.merged(path, overrides)
+    except config_mod.ConfigError:
         return {}
-    for name, value in {**over.get("stages", {}), **{k: v for k, v in over.items() if k not in ("run", "ray")}}.items():
-        if isinstance(value, dict):
-            stages[name] = {**(stages.get(name) or {}), **value} if isinstance(stages.get(name), dict) else value
-    return stages
+    stages = raw.get("stages")
+    return stages if isinstance(stages, dict) else {}
 
 # Variables that Ray workers on a cluster must see as the driver does.
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
