@@ -12,6 +12,7 @@ benchmarks/results.jsonl with the device name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -29,6 +30,7 @@ from genmodels.pagoda import (
     Generator,
     PagodaConfig,
     ProjectedDiscriminator,
+    ProjectedFeatures,
     TinyFeatures,
     UNet,
     build_timm_features,
@@ -84,6 +86,47 @@ def gd_step(models, batch, pcfg, opt_g, opt_d, autocast) -> Callable[[], None]:
     return step
 
 
+def rec_ab(iters: int) -> list[dict]:
+    """Demo-shaped G+D steps (micro generator at 16 / 32 / 64, the stages' L_rec nets) with L_rec "plain"
+    (raw features, no augmentation) vs. "official" (projection + shared augmentation, the default),
+    interleaved, CPU time of this process on one thread: medians per arm (issue 12 #8)."""
+    from workflows.pagoda.stages import DistillConfig, build_discriminator, build_perceptual
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = dataclasses.replace(TEACHER_PRESETS["micro"], img_resolution=16, text_dim=64)
+    gens = [Generator.from_teacher(EDMPrecond(UNet(net)))]
+    gens += [grow_2x(gens[0])]
+    gens += [grow_2x(gens[1])]
+    out = []
+    for g, r, b in zip(gens, (16, 32, 64), (16, 16, 8)):
+        steps, times = {}, {}
+        for arm, kw in (("plain", {"perceptual_projection": False, "rec_augment": False}), ("official", {})):
+            cfg = DistillConfig(w_adv=0.1, **kw)
+            d = build_discriminator(cfg, r, 64)
+            models = {"generator": g.train(), "discriminator": d, "perceptual": list(build_perceptual(cfg, r))}
+            pcfg = PagodaConfig(resolution=r, w_adv=0.1, rec_augment=cfg.rec_augment)
+            opt_g = torch.optim.AdamW([q for q in g.parameters() if q.requires_grad], lr=1e-5)
+            opt_d = torch.optim.AdamW([q for q in d.parameters() if q.requires_grad], lr=1e-4)
+            batch = {"image": torch.rand(b, 3, r, r) * 2 - 1, "latent": torch.randn(b, 3, 16, 16) * 80,
+                     "text": torch.randn(b, 32, 64), "text_mask": torch.ones(b, 32, dtype=torch.bool),
+                     "text_embed": torch.randn(b, 64)}
+            steps[arm] = gd_step(models, batch, pcfg, opt_g, opt_d, contextlib.nullcontext)
+            steps[arm]()  # warm-up
+            times[arm] = []
+        for _ in range(iters):
+            for arm, step in steps.items():
+                t0 = time.process_time()
+                step()
+                times[arm].append(time.process_time() - t0)
+        med = {arm: sorted(t)[len(t) // 2] for arm, t in times.items()}
+        out.append({"resolution": r, "batch": b, **{f"{a}_ms": round(1e3 * v, 1) for a, v in med.items()},
+                    "ratio": round(med["official"] / med["plain"], 3)})
+        print(f"L_rec A/B at {r}px, batch {b}: plain {1e3 * med['plain']:.1f} ms, official "
+              f"{1e3 * med['official']:.1f} ms per G+D step (CPU time), ratio {out[-1]['ratio']}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -91,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", type=int, default=40, help="Karras grid of the teacher's Heun sampler / inversion")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--rec-ab", type=int, default=0, metavar="STEPS",
+                   help="only time L_rec plain vs. official in demo-shaped G+D steps, STEPS per arm and size")
     args = p.parse_args(argv)
+    if args.rec_ab:
+        record("pagoda_rec_ab", {"torch": torch.__version__, "rows": rec_ab(args.rec_ab)}, path=args.out)
+        return 0
     ps = PRESETS[args.preset]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = dev.type == "cuda"
@@ -115,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         build_timm_features("deit_base_distilled_patch16_224", (2, 5, 8, 11), pretrained=False),
         build_timm_features("tf_efficientnet_lite0", (1, 2, 3, 4), pretrained=False)]
 
+    nets = [ProjectedFeatures(n, n.channels) for n in nets]  # L_rec as the stages build it (issue 12 #8)
+
     def feats(r: int) -> list[torch.nn.Module]:
-        return [n.to(dev) for n in nets] if nets else [TinyFeatures(size=max(32, r)).to(dev)]
+        if nets:
+            return [n.to(dev) for n in nets]
+        tiny = TinyFeatures(size=max(32, r))
+        return [ProjectedFeatures(tiny, tiny.channels, tiny.channels[0]).to(dev)]
 
     def disc(r: int) -> ProjectedDiscriminator:
         if args.preset == "tiny":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import os
 import sys
@@ -51,6 +52,7 @@ from genmodels.pagoda import (  # noqa: E402
     Generator,
     PagodaConfig,
     ProjectedDiscriminator,
+    ProjectedFeatures,
     TinyFeatures,
     UNet,
     UNetConfig,
@@ -113,11 +115,20 @@ def train_teacher(x: torch.Tensor, res: int, steps: int, bs: int, ch: int, lr: f
     return net.eval(), step_flops * steps
 
 
-def gan_phase(gen, data, lat, cfg: PagodaConfig, steps: int, bs: int, lr_g: float, lr_d: float, seed: int):
+def rec_features(rec: str) -> torch.nn.Module:
+    """L_rec's net: "official" = the tiny net behind its fixed random projection, as the stages build it
+    (with PagodaConfig's shared augmentation); "plain" = raw tiny features (the distance before issue 12 #8)."""
+    net = TinyFeatures(size=32)
+    return ProjectedFeatures(net, net.channels, net.channels[0]) if rec == "official" else net
+
+
+def gan_phase(gen, data, lat, cfg: PagodaConfig, steps: int, bs: int, lr_g: float, lr_d: float, seed: int,
+              rec: str = "official"):
     torch.manual_seed(seed)
     # Unconditional D: the demo images carry no labels, and a class-projection D fed none has zero logits.
     disc = ProjectedDiscriminator.tiny(DiscriminatorConfig(channels=16, cmap_dim=16, size=32))
-    models = {"generator": gen, "discriminator": disc, "perceptual": TinyFeatures(size=32)}
+    cfg = dataclasses.replace(cfg, rec_augment=rec == "official")
+    models = {"generator": gen, "discriminator": disc, "perceptual": rec_features(rec)}
     opt_g, opt_d = radam(gen.parameters(), lr_g), radam(disc.parameters(), lr_d)
     g = torch.Generator().manual_seed(seed)
     it = batches(data, bs, g)
@@ -173,10 +184,10 @@ def one_seed(a, seed: int) -> dict[str, float]:
     lat = ode_invert(teacher, x_b, num_points=40)
     gen = Generator.from_teacher(teacher)
     gen, f_distill, lam_b = gan_phase(gen, x_b, lat, PagodaConfig(resolution=B), a.gan_steps, a.batch, a.lr_g,
-                                      a.lr_d, seed)
+                                      a.lr_d, seed, a.rec)
     grown = grow_2x(copy.deepcopy(gen))
     grown, f_grow, lam_r = gan_phase(grown, train, lat, PagodaConfig(resolution=R, w_adv=1.0), a.gan_steps, a.batch,
-                                     a.lr_g, a.lr_d, seed + 1)
+                                     a.lr_g, a.lr_d, seed + 1, a.rec)
     t_pagoda = time.time() - t0
     lat_eval = ode_invert(teacher, real_b, num_points=40)  # held-out latents, for reconstructions only
     g = torch.Generator().manual_seed(seed + 7)
@@ -221,6 +232,8 @@ def pm(values: list[float], fmt: str = ".1f") -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rec", choices=("official", "plain"), default="official",
+                   help="L_rec: projected features + shared augmentation, or raw features (runs before issue 12 #8)")
     # Sized for 3 seeds in <= 15 min on a 2-core CPU (a step costs 1-3 s there, mostly overhead);
     # --teacher-steps 200 --gan-steps 125 (the budget the audit measured, ~1 h here) learns more.
     p.add_argument("--teacher-steps", type=int, default=60)
@@ -272,7 +285,7 @@ def main() -> None:
           f"std {pm(col['latent_std'], '.3f')}, excess kurtosis {pm(col['latent_kurtosis'], '.2f')}, "
           f"KS distance {pm(col['latent_ks'], '.3f')}")
     record("pagoda_cost", {"base": B, "target": R, "budget_images": images, "channels": a.channels,
-                           "seeds": a.seeds, "teacher_steps": a.teacher_steps, "gan_steps": a.gan_steps,
+                           "seeds": a.seeds, "teacher_steps": a.teacher_steps, "gan_steps": a.gan_steps, "rec": a.rec,
                            **{k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
                               for k, v in col.items()}})
 

@@ -50,9 +50,11 @@ import io
 import json
 import os
 import resource
+import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -284,10 +286,14 @@ def peak_rss_mb() -> float:
 
 
 class GuardedDownloader:
-    """img2dataset's ``Downloader`` with :func:`download_image` installed in the process running it."""
+    """img2dataset's ``Downloader`` with :func:`download_image` installed in the process running it.
 
-    def __init__(self, inner: Any, policy: UrlPolicy, limits: FetchLimits, report_dir: str):
+    ``in_process``: the shard runs in the calling process (see :func:`img2dataset_guard`), so
+    the peak RSS is reset before each shard (Linux ``clear_refs``) and measured from there."""
+
+    def __init__(self, inner: Any, policy: UrlPolicy, limits: FetchLimits, report_dir: str, in_process: bool = False):
         self.inner, self.policy, self.limits, self.report_dir = inner, policy, limits, report_dir
+        self.in_process = in_process
 
     def __call__(self, row: tuple[int, str]) -> Any:
         global _BASE_RSS_MB
@@ -296,10 +302,15 @@ class GuardedDownloader:
         if not (hasattr(d, "download_image") and hasattr(d, "download_image_with_retry")):
             raise RuntimeError("this img2dataset has no downloader.download_image: the fetch guard cannot be installed")
         d.download_image = functools.partial(download_image, policy=self.policy, limits=self.limits)
-        if _BASE_RSS_MB is None:
-            _BASE_RSS_MB = rss_mb()
+        if self.in_process:
+            reset_peak_rss()
+            base = rss_mb()
+        else:
+            if _BASE_RSS_MB is None:
+                _BASE_RSS_MB = rss_mb()
+            base = _BASE_RSS_MB
         result = self.inner(row)
-        report = {"pid": os.getpid(), "shard": int(row[0]), "base_rss_mb": round(_BASE_RSS_MB, 1),
+        report = {"pid": os.getpid(), "shard": int(row[0]), "base_rss_mb": round(base, 1),
                   "peak_rss_mb": round(peak_rss_mb(), 1)}
         os.makedirs(self.report_dir, exist_ok=True)
         with open(os.path.join(self.report_dir, f"{int(row[0]):05d}-{os.getpid()}.json"), "w") as f:
@@ -307,23 +318,78 @@ class GuardedDownloader:
         return result
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux ≥ 4.0); a no-op elsewhere."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class _NoLogger:
+    """Stands in for img2dataset's ``LoggerProcess`` in-process: that is a spawned process (a
+    second interpreter importing torch, seconds per call) that only prints aggregate speeds;
+    the stage reads the per-shard status parquet and ``_stats.json`` itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.done_shards: set[int] = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+def in_process_distributor(processes_count: int, downloader: Callable, reader: Any, subjob_size: int,
+                           max_shard_retry: int) -> None:
+    """img2dataset's ``multiprocessing_distributor`` without the pool: every shard runs in this
+    process, one after another (its downloads still use ``thread_count`` threads). Same retry
+    rule: a failed shard is retried up to ``max_shard_retry`` times."""
+    failed = [row for row in reader if not downloader(row)[0]]
+    for _ in range(max_shard_retry):
+        if not failed:
+            break
+        failed = [row for row in failed if not downloader(row)[0]]
+
+
 @contextlib.contextmanager
-def img2dataset_guard(policy: UrlPolicy, limits: FetchLimits, report_dir: str) -> Iterator[None]:
+def img2dataset_guard(policy: UrlPolicy, limits: FetchLimits, report_dir: str,
+                      in_process: bool = False) -> Iterator[None]:
     """While active, ``img2dataset.download`` fetches through :func:`download_image` in its workers.
 
     Patches ``img2dataset.main.Downloader`` in this process only for the duration (a Ray task
-    runs one partition at a time); the workers get the guard through the pickled downloader.
+    runs one partition at a time); spawned workers get the guard through the pickled downloader.
+
+    ``in_process``: no worker processes at all. img2dataset's spawned pool and logger process
+    are replaced by :func:`in_process_distributor` and :class:`_NoLogger`, so the shards run in
+    the calling process (a Ray worker that has img2dataset imported already: no interpreter
+    start and no torch import per call, which cost seconds of every partition). Everything
+    patched (its download function, its SIGINT handler) is put back on exit.
     """
     # not `import img2dataset.main`: the package rebinds that name to its `main` function
     main = importlib.import_module("img2dataset.main")
-    original = main.Downloader
+    dl = importlib.import_module("img2dataset.downloader")
+    saved = {"Downloader": main.Downloader, "multiprocessing_distributor": main.multiprocessing_distributor,
+             "LoggerProcess": main.LoggerProcess}
+    saved_fetch = dl.download_image
     old_env = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
-    main.Downloader = lambda **kw: GuardedDownloader(original(**kw), policy, limits, report_dir)
+    old_sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    main.Downloader = lambda **kw: GuardedDownloader(saved["Downloader"](**kw), policy, limits, report_dir,
+                                                     in_process)
+    if in_process:
+        main.multiprocessing_distributor = in_process_distributor
+        main.LoggerProcess = _NoLogger
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(limits.max_pixels)  # read by cv2 at import in the workers
     try:
         yield
     finally:
-        main.Downloader = original
+        for name, value in saved.items():
+            setattr(main, name, value)
+        dl.download_image = saved_fetch
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
         if old_env is None:
             os.environ.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
         else:

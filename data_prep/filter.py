@@ -1,22 +1,28 @@
 """Stage ``filter``: score every downloaded image with CLIP and friends, dedup, decide.
 
-Two Ray Data passes over the ``download`` artifact's tars:
+Two passes over the ``download`` artifact's tars:
 
-1. **score** (streaming): ``read_webdataset`` → :func:`prepare` (CPU tasks: bomb-guarded
+1. **score** (Ray Data, streaming): ``read_webdataset`` → :func:`prepare` (bomb-guarded
    decode, stored and original size, blank check, LAION's scores from the json, caption
    cleanup and heuristics, open_clip preprocessing) →
    :class:`~data_prep.models.ClipScorer` (actor pool: CLIP image/text embeddings, similarity,
-   aesthetic / watermark / NSFW heads) → ``scores/shard=<id>/*.parquet``.
+   aesthetic / watermark / NSFW heads) → ``scores/shard=<id>/*.parquet``. With GPU actors
+   :func:`prepare` runs in CPU tasks that feed them; on CPU the actors run it themselves
+   (:class:`PreparingScorer`).
 2. **decide**: SemDeDup-style near-duplicate removal (:mod:`data_prep.dedup`; Abbas et al.,
    2023, §3: k-means on the CLIP image embeddings, then pairwise cosine inside each cluster;
    exact duplicates by content hash ride along since identical images share a cluster) via
-   ``groupby(cluster).map_groups``, plus every threshold → ``rows/shard=<id>/*.parquet``.
+   Ray Data ``groupby(cluster).map_groups``, plus every threshold → ``rows/shard=<id>/*.parquet``.
+   With one cluster (at most ``dedup_cluster_size`` rows) there is nothing to shuffle: the
+   rows are decided in one call on the driver (:func:`decide_one_cluster`).
 
 Output schema of ``rows/`` (one row per downloaded image, kept or not; ``shard`` from the
 hive directory): ``key`` (stage-wide sample key ``<partition>_<img2dataset key>``), ``sample_id``,
-``caption`` (cleaned), ``width``/``height`` (the stored image, from its header),
+``caption`` (cleaned), ``labels`` (the URL list's ``labels`` string, null when absent),
+``width``/``height`` (the stored image, from its header),
 ``orig_width``/``orig_height`` (the source, from img2dataset; the stored size otherwise),
-``uniform_fraction`` (:func:`data_prep.images.uniform_fraction` of the stored image),
+``uniform_fraction`` (:func:`data_prep.images.uniform_fraction` of the stored image; null when
+the blank check is off),
 ``sha256``, ``image_error``, ``caption_words``, ``caption_chars``, ``caption_latin``,
 ``clip_sim``, ``aesthetic``, ``pwatermark``, ``punsafe`` (the scores the decision used: LAION's
 where the input row carried one, else the model's; null when neither exists),
@@ -52,7 +58,6 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,119 +66,27 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from data_prep import dedup, images
+from data_prep.filter_config import IMAGE_ERRORS, LAION, REASONS, FilterConfig
 from data_prep.partitions import (
     SHARDS,
     pending_shards,
     read_by_shard,
+    read_shard_rows,
     read_tars,
     sample_columns,
-    tally,
+    tally_files,
     tar_shards,
     write_by_shard,
+    write_shard_file,
     write_shards,
 )
-from pipeline.config import path_field
-from pipeline.stage import ActorPoolConfig, actor_resources
+from data_prep.progress import Phases
+from pipeline.stage import actor_resources
 from pipeline.store import Artifact
 
 log = logging.getLogger("genmodels")
 
-REASONS = ("decode_error", "too_large", "too_small", "bad_aspect", "blank", "clip_sim", "aesthetic", "pwatermark",
-           "punsafe", "caption_empty", "caption_short", "caption_long", "caption_language", "dup_exact", "dup_near")
-IMAGE_ERRORS = ("decode_error", "too_large")  # set in ``image_error``; no other image check runs then
-# Each score's LAION column (canonical names written by the urls stage).
-LAION = {"clip_sim": "laion_similarity", "aesthetic": "laion_aesthetic", "pwatermark": "laion_pwatermark",
-         "punsafe": "laion_punsafe"}
-
-
-@dataclass(frozen=True)
-class FilterConfig(ActorPoolConfig):
-    """Settings of the filter stage (``stages.filter``). Defaults are LAION-5B's paper values.
-
-    clip_model / clip_pretrained: open_clip model name and pretrained tag (or checkpoint path);
-        ``tiny-clip`` with no tag is the random offline model. LAION's 0.28 threshold is for
-        ViT-B/32; other models need their own threshold.
-    aesthetic_head / watermark_head / nsfw_head: weight files of heads on the CLIP image
-        embedding (see :class:`data_prep.models.EmbeddingHead`); empty → that score is not
-        computed (null column, listed under ``skipped`` in the counts) and its threshold unused.
-    min_clip_sim: reject below this image-caption cosine similarity (LAION: 0.28, OpenAI
-        ViT-B/32). Applies to whichever source a row's score has: LAION's ``laion_similarity``
-        where present, else ``clip_model``'s.
-    min_aesthetic: reject below this aesthetic score (LAION-Aesthetics: 5.0; LAION's
-        ``AESTHETIC_SCORE`` where present, else the aesthetic head).
-    max_pwatermark / max_punsafe: reject above these probabilities (LAION: 0.5 / 0.99... for
-        "unsafe" LAION tagged rather than removed; 0.99 keeps all but the surest).
-    min_side: reject (``too_small``) when the shorter side of the stored image or of the
-        original is smaller (pixels; paper runs 512). The stored image is what the shard stage
-        crops from: a 4000x50 banner stored at 256x3 fails on its stored side.
-    max_aspect_ratio: reject (``bad_aspect``) when long/short side of the original or of the
-        stored image is above this (0: off). 3.0 is DataComp's basic filter on LAION-style
-        CommonPool metadata (Gadre et al., 2023: shorter side >= 200 px, aspect <= 3); training
-        crops a centred square, which keeps a third of a 3:1 image and less beyond.
-    max_uniform_fraction: reject (``blank``) stored images of which at least this share of
-        pixels is one colour (:func:`data_prep.images.uniform_fraction`; 0: off). Catches blank
-        placeholders and 16-bit sources that a resizer saturated to white; 0.995 still keeps a
-        small shape on a plain background (the demo's sparsest scenes measure up to 0.991).
-    use_laion_scores: apply the similarity/aesthetic/watermark/unsafe thresholds to the input's
-        ``laion_*`` values where present (see the module notes), the model's elsewhere.
-    min_caption_words / max_caption_chars: caption length bounds after cleanup
-        (0 words is always rejected as ``caption_empty``).
-    min_latin_fraction: reject captions with a smaller share of Latin-script letters (0: off).
-    dedup_exact: reject later copies of byte-identical downloads (sha256).
-    near_dup_threshold: reject a row whose embedding has cosine ≥ this with an earlier kept
-        candidate in its cluster (0: off). Earlier = smaller (shard, key).
-    dedup_cluster_size: target rows per k-means cluster (k = ceil(rows / this)).
-    dedup_sample: rows used to fit the k-means centroids.
-    batch_size: rows per CLIP forward pass; actors: CLIP actor pool size.
-    gpus_per_actor: GPUs per CLIP actor (fractional ok); GPU actors request 0 CPUs.
-    cpus_per_actor: CPUs per CLIP actor when on CPU (fractional so that a 2-CPU node still has
-        slots for the read and preprocessing tasks; see environment.md).
-    cpus_per_task: CPUs per preprocessing task.
-    max_image_pixels: decompression-bomb guard for decoding.
-    """
-
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = "laion2b_s34b_b79k"
-    aesthetic_head: str = path_field("")
-    watermark_head: str = path_field("")
-    nsfw_head: str = path_field("")
-    min_clip_sim: float = 0.28
-    min_aesthetic: float = 5.0
-    max_pwatermark: float = 0.5
-    max_punsafe: float = 0.99
-    min_side: int = 512
-    max_aspect_ratio: float = 3.0
-    max_uniform_fraction: float = 0.995
-    use_laion_scores: bool = True
-    min_caption_words: int = 1
-    max_caption_chars: int = 1000
-    min_latin_fraction: float = 0.5
-    dedup_exact: bool = True
-    near_dup_threshold: float = 0.96
-    dedup_cluster_size: int = 10_000
-    dedup_sample: int = 100_000
-    batch_size: int = 64
-    cpus_per_task: float = 1.0
-    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
-
-    def validate(self) -> None:
-        for name in ("batch_size", "actors", "dedup_cluster_size", "dedup_sample", "max_image_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-        if not 0.0 <= self.near_dup_threshold <= 1.0:
-            raise ValueError(f"near_dup_threshold: must be in [0, 1] (0: off), got {self.near_dup_threshold}")
-        if not 0.0 <= self.max_uniform_fraction <= 1.0:
-            raise ValueError(f"max_uniform_fraction: must be in [0, 1] (0: off), got {self.max_uniform_fraction}")
-        if self.max_aspect_ratio and self.max_aspect_ratio < 1.0:
-            raise ValueError(f"max_aspect_ratio: must be >= 1 (long/short side; 0: off), got {self.max_aspect_ratio}")
-        if self.cpus_per_task <= 0:
-            raise ValueError(f"cpus_per_task: must be > 0, got {self.cpus_per_task}")
-        self.validate_pool()
-
-    def heads(self) -> dict[str, str | None]:
-        return {"aesthetic": self.aesthetic_head or None, "pwatermark": self.watermark_head or None,
-                "punsafe": self.nsfw_head or None}
-
+__all__ = ["IMAGE_ERRORS", "LAION", "REASONS", "FilterConfig", "decide", "prepare", "run", "summarize"]
 
 # ---------------------------------------------------------------------------------------------
 # Pass 1: score
@@ -196,7 +109,7 @@ def laion_score(value: Any) -> float:
 
 
 def prepare(batch: dict[str, Any], *, model: str, pretrained: str | None, path_to_shard: dict[str, str],
-            max_pixels: int) -> dict[str, Any]:
+            max_pixels: int, uniform_check: bool = True) -> dict[str, Any]:
     """Raw webdataset rows → metadata columns + CLIP-ready ``pixels`` (float16); never raises
     on a bad image or caption (the row is kept and flagged in ``image_error``).
 
@@ -223,7 +136,7 @@ def prepare(batch: dict[str, Any], *, model: str, pretrained: str | None, path_t
             w, h = opened.size
             w0, h0 = (w0, h0) if (w0 and h0) else (w, h)  # not an img2dataset tar: the file is the original
             img = images.load_rgb(opened, draft=draft)
-            u = images.uniform_fraction(img)
+            u = images.uniform_fraction(img) if uniform_check else np.nan  # ms per row: only when used
             x = transform(img).numpy().astype(np.float16)
             blank = np.zeros_like(x) if blank is None else blank
             errors.append("")
@@ -242,6 +155,7 @@ def prepare(batch: dict[str, Any], *, model: str, pretrained: str | None, path_t
     return {
         "shard": np.array(cols["shard"], dtype=object), "key": np.array(cols["key"], dtype=object),
         "sample_id": np.array(cols["sample_id"], dtype=object), "caption": np.array(caps, dtype=object),
+        "labels": np.array(cols["labels"], dtype=object),
         "width": np.array(sw, dtype=np.int32), "height": np.array(sh, dtype=np.int32),
         "orig_width": np.array(ow, dtype=np.int32), "orig_height": np.array(oh, dtype=np.int32),
         "uniform_fraction": np.array(uniform, dtype=np.float32),
@@ -254,20 +168,44 @@ def prepare(batch: dict[str, Any], *, model: str, pretrained: str | None, path_t
     }
 
 
+class PreparingScorer:
+    """CPU actors: :func:`prepare` and :class:`~data_prep.models.ClipScorer` in one process.
+
+    On a CPU node a separate preprocessing task only adds cost: its float pixels cross the
+    object store, and its worker processes import torch and open_clip a second time (seconds
+    each; the whole stage's fixed cost at demo scale). GPU actors keep the split, so the GPU
+    is fed by CPU tasks instead of waiting on decodes."""
+
+    def __init__(self, *, model: str, pretrained: str | None, heads: dict[str, str | None],
+                 path_to_shard: dict[str, str], max_pixels: int, uniform_check: bool = True):
+        from data_prep.models import ClipScorer  # lazy: open_clip and torch, only in the actors
+
+        self.scorer = ClipScorer(model, pretrained, heads)
+        self.prepare = functools.partial(prepare, model=model, pretrained=pretrained, path_to_shard=path_to_shard,
+                                         max_pixels=max_pixels, uniform_check=uniform_check)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        return self.scorer(self.prepare(batch))
+
+
 def score(download: Artifact, shards: list[str], path_to_shard: dict[str, str], cfg: FilterConfig,
           out: Artifact) -> None:
     import ray  # lazy: Ray is only needed inside a running stage
 
     from data_prep.models import ClipScorer  # lazy: open_clip and torch, only in the actors
 
+    model = {"model": cfg.clip_model, "pretrained": cfg.clip_pretrained}
+    raw = {"path_to_shard": path_to_shard, "max_pixels": cfg.max_image_pixels,
+           "uniform_check": cfg.max_uniform_fraction > 0}
     ds = read_tars(download, shards, path_to_shard)
-    ds = ds.map_batches(prepare, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task, batch_format="numpy",
-                        fn_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
-                                   "path_to_shard": path_to_shard, "max_pixels": cfg.max_image_pixels})
-    ds = ds.map_batches(ClipScorer, batch_size=cfg.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                        fn_constructor_kwargs={"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
-                                               "heads": cfg.heads()},
+    if cfg.gpus_per_actor > 0:
+        ds = ds.map_batches(prepare, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task, batch_format="numpy",
+                            fn_kwargs=model | raw)
+        fn, kwargs = ClipScorer, model | {"heads": cfg.heads()}
+    else:
+        fn, kwargs = PreparingScorer, model | raw | {"heads": cfg.heads()}
+    ds = ds.map_batches(fn, batch_size=cfg.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), fn_constructor_kwargs=kwargs,
                         **actor_resources(cfg))
     write_by_shard(ds, out, "scores")
 
@@ -395,9 +333,25 @@ def keep_shards(batch: pa.Table, *, shards: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("shard"), value_set=pa.array(shards, pa.string())))
 
 
+def decide_one_cluster(out: Artifact, expected: dict[str, int], pending: list[str], cfg: FilterConfig) -> None:
+    """k = 1: every row is in the one cluster, so :func:`decide` sees them all at once anyway;
+    read the scores (at most ``dedup_cluster_size`` rows) here and write each pending shard's
+    rows as one file, without the shuffle (its operators and tasks cost seconds to start)."""
+    parts = []
+    for shard in sorted(s for s, n in expected.items() if n):
+        t = read_shard_rows(out, "scores", shard)
+        parts.append(t.append_column("shard", pa.array([shard] * t.num_rows, pa.string())))
+    rows = decide(pa.concat_tables(parts, promote_options="default"), cfg=cfg)
+    for shard in pending:
+        write_shard_file(out, "rows", shard, rows.filter(pc.equal(rows.column("shard"), shard)))
+
+
 def decide_all(out: Artifact, expected: dict[str, int], pending: list[str], cfg: FilterConfig) -> None:
     n_rows = sum(expected.values())
     k = max(1, -(-n_rows // cfg.dedup_cluster_size))
+    if k == 1:
+        decide_one_cluster(out, expected, pending, cfg)
+        return
     centroids = (dedup.fit_centroids(out, [s for s, n in expected.items() if n], k, cfg.dedup_sample) if k > 1
                  else np.zeros((1, 1)))
     ds = read_by_shard(out, "scores")
@@ -448,33 +402,35 @@ def run(inputs: dict[str, Artifact], cfg: FilterConfig, out: Artifact) -> dict[s
     download = inputs["download"]
     expected, path_to_shard = tar_shards(download)
     t0 = time.time()
+    phases = Phases("filter")
     todo_scores = pending_shards(out, "scores", expected)
     todo_rows = pending_shards(out, "rows", expected)
     rows_todo = sum(expected[s] for s in todo_rows)
     log.info("[filter] %d shards, %d rows; scoring %d shards, deciding %d", len(expected), sum(expected.values()),
              len(todo_scores), len(todo_rows))
     if todo_scores:
-        score(download, todo_scores, path_to_shard, cfg, out)
+        with phases("score pass (decode, CLIP)", rows=sum(expected[s] for s in todo_scores)):
+            score(download, todo_scores, path_to_shard, cfg, out)
         still = pending_shards(out, "scores", expected)
         if still:
             raise RuntimeError(f"filter: scores incomplete after the pass for shards {still[:5]}")
     if todo_rows:
         if out.exists(SHARDS):
             out.fs.delete_file(out.child(SHARDS))
-        decide_all(out, expected, todo_rows, cfg)
+        with phases("decide pass (dedup, thresholds)", rows=sum(expected.values())):
+            decide_all(out, expected, todo_rows, cfg)
         still = pending_shards(out, "rows", expected)
         if still:
             raise RuntimeError(f"filter: rows incomplete after the pass for shards {still[:5]}")
     wall = time.time() - t0
 
-    tallies = []
-    if any(expected.values()):
-        tallies = (read_by_shard(out, "rows", TALLY_KEYS)
-                   .map_batches(tally, batch_format="pyarrow", fn_kwargs={"keys": TALLY_KEYS}).take_all())
+    with phases("tally"):
+        tallies = tally_files(out, "rows", TALLY_KEYS)
     per_shard, counts = summarize(tallies, expected, cfg)
     write_shards(out, per_shard)
     counts |= {"shards": len(expected), "shards_resumed": len(expected) - len(todo_rows),
-               "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
+               "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None,
+               "phase_s": phases.seconds}
     used = {k: n for k, n in counts["scores_from_laion"].items() if n}
     mixed = used.get("clip_sim") and counts["scores_computed"]["clip_sim"]
     if mixed and (cfg.clip_model, cfg.clip_pretrained) != ("ViT-B-32", "openai"):

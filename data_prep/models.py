@@ -15,7 +15,9 @@ exact same calls.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
+import json
 import os
 from typing import Any
 
@@ -24,11 +26,12 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from data_prep import tiny_llava
 from data_prep.images import clean_caption
+from pipeline.store import filesystem
 
 # open_clip (and genmodels.clip, which imports it) and transformers are imported inside the
 # functions that use them: each takes seconds to import, and a CLIP worker never needs
@@ -65,6 +68,25 @@ def clip_transform(name: str, pretrained: str | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
+def _head_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, safetensors metadata) of a head file, local or on object storage (``s3://``: a
+    cluster's nodes share the heads there, as ``cluster.yaml`` has them)."""
+    if "://" in path:
+        fs, inner = filesystem(path)
+        with fs.open_input_file(inner) as f:
+            data = f.read()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    if path.endswith(".safetensors"):
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # the format's JSON header
+        return load_safetensors(data), header.get("__metadata__") or {}
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state, {}
+
+
 class EmbeddingHead:
     """A small MLP on L2-normalised CLIP image embeddings, loaded from a state dict.
 
@@ -80,14 +102,7 @@ class EmbeddingHead:
     """
 
     def __init__(self, path: str, kind: str = "score"):
-        if path.endswith(".safetensors"):
-            state = load_file(path)
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-        else:
-            state, meta = torch.load(path, map_location="cpu", weights_only=True), {}
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
+        state, meta = _head_file(path)
         if "weight" in state:
             pairs = [(state["weight"], state.get("bias"))]
         else:
@@ -184,7 +199,7 @@ class ClipScorer:
         sim = (img * txt).sum(-1).cpu().numpy().astype(np.float32)
         emb = img.cpu().numpy().astype(np.float16)
         cols = {k: v for k, v in batch.items() if k != "pixels"}
-        table = pa.table({k: pa.array(list(v) if v.dtype == object else v) for k, v in cols.items()})
+        table = pa.table({k: _column(v) for k, v in cols.items()})
         table = table.append_column("clip_sim", pa.array(sim))
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
         table = table.append_column("embedding", embedding)
@@ -192,6 +207,17 @@ class ClipScorer:
             values = pa.array(self.heads[name](img)) if name in self.heads else pa.nulls(n, pa.float32())
             table = table.append_column(name, values)
         return table
+
+
+def _column(v: np.ndarray) -> pa.Array:
+    """A numpy batch column as Arrow. Object columns are strings here; one that is null in every
+    row of a batch (``labels`` when the URL list has none) reaches the actor as None or NaN
+    (Ray's numpy conversion) and must still be a string column, or shards' files would
+    disagree on its type."""
+    if v.dtype != object:
+        return pa.array(v)
+    arr = pa.array(list(v), from_pandas=True)  # NaN → null
+    return pa.nulls(len(arr), pa.string()) if arr.null_count == len(arr) else arr
 
 
 # ---------------------------------------------------------------------------------------------

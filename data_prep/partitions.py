@@ -28,6 +28,9 @@ log = logging.getLogger("genmodels")
 
 # The filter artifact's per-input-shard summary: shard, rows, kept.
 SHARDS = "shards.parquet"
+# Optional URL-list column of ground truth (a JSON string, null when absent), carried from the
+# URL list through img2dataset's json, the filter's rows and into every final shard row.
+LABELS = "labels"
 
 
 def shard_dir(subdir: str, shard: str) -> str:
@@ -107,6 +110,34 @@ def tally(batch: pa.Table, *, keys: list[str]) -> pa.Table:
     return batch.group_by(keys).aggregate([([], "count_all")])
 
 
+def tally_files(art: Artifact, subdir: str, keys: list[str]) -> list[dict[str, Any]]:
+    """:func:`tally` of every file under ``subdir`` (``shard`` from its directory), read on the
+    caller with a few threads, only the ``keys`` columns. Replaces a Ray Data pass whose start
+    (operators, tasks) cost more than reading a few small string columns; the result is one row
+    per file and distinct key tuple, so it stays small at any row count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cols = [k for k in keys if k != "shard"]
+
+    def one(name: str) -> list[dict[str, Any]]:
+        shard = posixpath.basename(posixpath.dirname(name)).removeprefix("shard=")
+        with art.fs.open_input_file(art.child(name)) as f:
+            t = pq.read_table(f, columns=cols)
+        t = t.append_column("shard", pa.array([shard] * t.num_rows, pa.string())) if "shard" in keys else t
+        return tally(t, keys=keys).to_pylist()
+
+    with ThreadPoolExecutor(8) as pool:
+        return [row for rows in pool.map(one, art.list(".parquet", subdir=subdir)) for row in rows]
+
+
+def write_shard_file(art: Artifact, subdir: str, shard: str, table: pa.Table) -> None:
+    """One shard's rows as one file in the layout Ray Data's partitioned write leaves (the
+    ``shard`` column only in the directory name); atomic, so :func:`pending_shards` sees all
+    of it or nothing."""
+    art.write_parquet(f"{shard_dir(subdir, shard)}/part-00000.parquet",
+                      table.drop_columns(["shard"]) if "shard" in table.column_names else table)
+
+
 # ---------------------------------------------------------------------------------------------
 # The download tars
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +173,17 @@ def sample_columns(batch: dict[str, Any], path_to_shard: dict[str, str]) -> dict
     data = [bytes(x) if x is not None else b"" for x in batch[image_col]] if image_col else [b""] * len(keys)
     return {"shard": shards, "key": [f"{s.split('_')[0]}_{k}" for s, k in zip(shards, keys)],
             "sample_id": [str(m.get("sample_id") or f"{s}_{k}") for m, s, k in zip(metas, shards, keys)],
-            "caption": [images.clean_caption(m.get("caption")) for m in metas], "meta": metas, "data": data}
+            "caption": [images.clean_caption(m.get("caption")) for m in metas],
+            "labels": [labels_text(m.get(LABELS)) for m in metas], "meta": metas, "data": data}
+
+
+def labels_text(value: Any) -> str | None:
+    """The URL list's ``labels`` value as the string it was written as (JSON ground truth), or
+    None when the row has none. img2dataset copies the column into each sample's json as is;
+    a value some other writer stored already parsed is serialised back to JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------

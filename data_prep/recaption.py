@@ -1,8 +1,9 @@
 """Stage ``recaption``: a LLaVA caption for every image the filter kept, beside the original.
 
 One streaming Ray Data pass: ``read_webdataset`` over the download tars → :func:`prepare`
-(CPU tasks: keep only the filter's kept rows, decode, centre-crop to the processor's input
-size) → :class:`~data_prep.models.LlavaCaptioner` (actor pool; ``gpus_per_actor`` per actor on
+(keep only the filter's kept rows, decode, centre-crop to the processor's input size; CPU
+tasks in front of GPU actors, inside the actor on CPU) →
+:class:`~data_prep.models.LlavaCaptioner` (actor pool; ``gpus_per_actor`` per actor on
 GPU with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. Images are not copied: the shard
 stage joins captions back to the download tars by ``key``.
 
@@ -21,7 +22,10 @@ Counts: ``rows_in``, ``rows_out``, ``empty_recaptions``, ``errors``, ``mean_reca
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,11 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from data_prep import images, tiny_llava
 from data_prep.partitions import (
     pending_shards,
-    read_by_shard,
     read_shard_rows,
     read_shards,
     read_tars,
@@ -42,6 +46,7 @@ from data_prep.partitions import (
     tar_shards,
     write_by_shard,
 )
+from data_prep.progress import Phases
 from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact
 
@@ -61,7 +66,7 @@ class RecaptionConfig(ActorPoolConfig):
     batch_size: images per ``generate`` call; actors: captioner actor pool size.
     gpus_per_actor: GPUs per actor (0: CPU); GPU actors request 0 CPUs and run in bf16.
     cpus_per_actor: CPUs per actor on CPU (fractional: a 2-CPU node must keep read slots free).
-    cpus_per_task: CPUs per preprocessing task.
+    cpus_per_task: CPUs per preprocessing task (GPU actors only; CPU actors preprocess themselves).
     image_size: side of the square image handed to the processor; 0 = the processor's crop size.
     max_image_pixels: decompression-bomb guard.
     """
@@ -86,9 +91,19 @@ class RecaptionConfig(ActorPoolConfig):
 
 
 def processor_size(model: str) -> int:
+    """The processor's crop side. From its saved config when ``model`` is a local directory
+    (``tiny`` is): importing transformers on the driver only to read one number cost seconds."""
+    path = tiny_llava.resolve(model)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                saved = json.load(f)
+            crop = saved.get("image_processor", saved).get("crop_size")
+            if crop:
+                return int(crop["height"] if isinstance(crop, dict) else crop)
     from transformers import AutoProcessor  # lazy: transformers is heavy and only needed to run the stage
 
-    crop = AutoProcessor.from_pretrained(tiny_llava.resolve(model)).image_processor.crop_size
+    crop = AutoProcessor.from_pretrained(path).image_processor.crop_size
     return int(crop["height"] if isinstance(crop, dict) else crop.height)
 
 
@@ -129,11 +144,41 @@ def prepare(batch: dict[str, Any], *, filt: Artifact, path_to_shard: dict[str, s
             "image": np.stack(imgs) if imgs else np.zeros((0, size, size, 3), np.uint8)}
 
 
+class PreparingCaptioner:
+    """CPU actors: :func:`prepare` and :class:`~data_prep.models.LlavaCaptioner` in one
+    process (as :class:`data_prep.filter.PreparingScorer`: no images through the object store,
+    no second set of worker processes). GPU actors keep CPU tasks in front of them."""
+
+    def __init__(self, *, model: str, prompt: str, max_new_tokens: int, filt: Artifact,
+                 path_to_shard: dict[str, str], size: int, max_pixels: int):
+        from data_prep.models import LlavaCaptioner  # lazy: torch and transformers, only in the actors
+
+        self.captioner = LlavaCaptioner(model=model, prompt=prompt, max_new_tokens=max_new_tokens)
+        self.prepare = functools.partial(prepare, filt=filt, path_to_shard=path_to_shard, size=size,
+                                         max_pixels=max_pixels)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        return self.captioner(self.prepare(batch))
+
+
 def caption_stats(batch: pa.Table) -> pa.Table:
     rec = batch.column("recaption").to_pylist()
     err = batch.column("recaption_error").to_pylist()
     return pa.table({"rows": [len(rec)], "empty": [sum(1 for r in rec if not r)], "errors": [sum(1 for e in err if e)],
                      "words": [sum(len(r.split()) for r in rec)]})
+
+
+def stats_files(out: Artifact) -> list[dict[str, int]]:
+    """:func:`caption_stats` of every ``rows/`` file, read here (two columns) with a few threads:
+    cheaper than starting a Ray Data pass for four sums."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> dict[str, int]:
+        with out.fs.open_input_file(out.child(name)) as f:
+            return caption_stats(pq.read_table(f, columns=["recaption", "recaption_error"])).to_pylist()[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, out.list(".parquet", subdir="rows")))
 
 
 def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dict[str, Any]:
@@ -145,38 +190,42 @@ def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dic
     _, path_to_shard = tar_shards(download)
     expected = {s: v["kept"] for s, v in read_shards(filt).items()}
     t0 = time.time()
+    phases = Phases("recaption")
     todo = pending_shards(out, "rows", expected)
     rows_todo = sum(expected[s] for s in todo)
     log.info("[recaption] %d shards, %d kept rows; captioning %d rows in %d shards with %s", len(expected),
              sum(expected.values()), rows_todo, len(todo), cfg.model)
     if todo:
         size = cfg.image_size or processor_size(cfg.model)
+        model = {"model": cfg.model, "prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}
+        raw = {"filt": filt, "path_to_shard": path_to_shard, "size": size, "max_pixels": cfg.max_image_pixels}
         ds = read_tars(download, todo, path_to_shard)
-        ds = ds.map_batches(prepare, batch_format="numpy", batch_size=max(cfg.batch_size, 32),
-                            num_cpus=cfg.cpus_per_task,
-                            fn_kwargs={"filt": filt, "path_to_shard": path_to_shard, "size": size,
-                                       "max_pixels": cfg.max_image_pixels})
-        ds = ds.map_batches(LlavaCaptioner, batch_format="numpy", batch_size=cfg.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                            fn_constructor_kwargs={"model": cfg.model, "prompt": cfg.prompt,
-                                                   "max_new_tokens": cfg.max_new_tokens},
+        if cfg.gpus_per_actor > 0:
+            ds = ds.map_batches(prepare, batch_format="numpy", batch_size=max(cfg.batch_size, 32),
+                                num_cpus=cfg.cpus_per_task, fn_kwargs=raw)
+            fn, kwargs = LlavaCaptioner, model
+        else:
+            fn, kwargs = PreparingCaptioner, model | raw
+        ds = ds.map_batches(fn, batch_format="numpy", batch_size=cfg.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.actors), fn_constructor_kwargs=kwargs,
                             **actor_resources(cfg))
-        write_by_shard(ds, out, "rows")
+        with phases("caption pass (decode, LLaVA)", rows=rows_todo):
+            write_by_shard(ds, out, "rows")
         still = pending_shards(out, "rows", expected)
         if still:
             raise RuntimeError(f"recaption: rows incomplete after the pass for shards {still[:5]}")
     wall = time.time() - t0
 
     totals = {"rows": 0, "empty": 0, "errors": 0, "words": 0}
-    if any(expected.values()):
-        for row in (read_by_shard(out, "rows", ["recaption", "recaption_error"])
-                    .map_batches(caption_stats, batch_format="pyarrow").take_all()):
+    with phases("stats"):
+        for row in stats_files(out):
             for k in totals:
                 totals[k] += row[k]
     counts = {"rows_in": sum(expected.values()), "rows_out": totals["rows"], "empty_recaptions": totals["empty"],
               "errors": totals["errors"], "mean_recaption_words": round(totals["words"] / max(totals["rows"], 1), 2),
               "shards": len(expected), "shards_resumed": len(expected) - len(todo),
-              "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
+              "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None,
+              "phase_s": phases.seconds}
     log.info("[recaption] summary: rows in %d, rows out %d, empty %d, errors %d, %.1f rows/s", counts["rows_in"],
              counts["rows_out"], counts["empty_recaptions"], counts["errors"], counts["rows_per_s"] or 0.0)
     return counts

@@ -21,7 +21,7 @@ Output (``i`` = 5-digit final shard index)::
                            <key>.<r>.<ext>       the image at r x r, for each r in resolutions
                            <key>.txt             original caption (cleaned)
                            <key>.recaption.txt   LLaVA caption ("" when no recaption stage)
-                           <key>.json            sample_id, key, source_shard, split and every score
+                           <key>.json            sample_id, key, source_shard, split, labels, every score
     parquet/<i>.parquet  same rows, one column per field:
                            sample_id, key, source_shard: string
                            split: string, "train" or "heldout"
@@ -29,6 +29,8 @@ Output (``i`` = 5-digit final shard index)::
                            orig_width, orig_height: int32; aspect: float32
                            clip_sim, aesthetic, pwatermark, punsafe: float32 (null = not scored)
                            caption_words: int32; sha256: string
+                           labels: string, the URL list's ``labels`` (JSON ground truth), null
+                             when the URL list has no such column or the row no value
                            <ext>_<r>: binary, encoded image at r x r (e.g. jpg_64), per resolution
 
 Counts: ``rows_in``, ``rows_out``, ``rows_train``, ``rows_heldout``, ``decode_errors``, ``shards``,
@@ -52,7 +54,8 @@ import pyarrow.parquet as pq
 
 from data_prep import download as download_mod
 from data_prep import images
-from data_prep.partitions import read_shard_rows, read_shards
+from data_prep.partitions import LABELS, read_shard_rows, read_shards
+from data_prep.progress import Phases
 from data_prep.splits import heldout_mask
 from pipeline.store import Artifact
 
@@ -141,7 +144,7 @@ def schema(cfg: ShardConfig) -> pa.Schema:
               (SPLIT_COLUMN, pa.string()), ("caption", pa.string()), ("recaption", pa.string()),
               ("orig_width", pa.int32()), ("orig_height", pa.int32()), ("aspect", pa.float32())]
     fields += [(s, pa.float32()) for s in SCORES]
-    fields += [("caption_words", pa.int32()), ("sha256", pa.string())]
+    fields += [("caption_words", pa.int32()), ("sha256", pa.string()), (LABELS, pa.string())]
     fields += [(f"{cfg.image_format}_{r}", pa.binary()) for r in cfg.resolutions]
     return pa.schema(fields)
 
@@ -192,7 +195,8 @@ def records(spec: list[tuple[str, int, int]], *, cfg: ShardConfig, download: Art
             rec = {"sample_id": row["sample_id"], "key": row["key"], "source_shard": shard, SPLIT_COLUMN: split,
                    "caption": row["caption"], "recaption": recaps.get(row["key"], ""),
                    "orig_width": w, "orig_height": h, "aspect": max(w, h) / max(min(w, h), 1),
-                   **{s: row.get(s) for s in SCORES}, "caption_words": row["caption_words"], "sha256": row["sha256"]}
+                   **{s: row.get(s) for s in SCORES}, "caption_words": row["caption_words"], "sha256": row["sha256"],
+                   LABELS: row.get(LABELS) if isinstance(row.get(LABELS), str) else None}
             for r in cfg.resolutions:
                 rec[f"{ext}_{r}"] = images.encode(images.center_crop_resize(img, r), ext, cfg.quality)
             rows.append(rec)
@@ -260,6 +264,7 @@ def run(inputs: dict[str, Artifact], cfg: ShardConfig, out: Artifact) -> dict[st
     log.info("[shard] %d kept rows → %d shards of ≤%d rows at %s px; building %d", sum(kept.values()), len(specs),
              cfg.rows_per_shard, cfg.resolutions, len(todo))
     t0 = time.time()
+    phases = Phases("shard")
     results: list[dict[str, Any]] = []
     if todo:
         items = [{"index": i, "spec": json.dumps(specs[i])} for i in todo]
@@ -267,7 +272,8 @@ def run(inputs: dict[str, Artifact], cfg: ShardConfig, out: Artifact) -> dict[st
         ds = ds.map_batches(build, batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_task,
                             fn_kwargs={"cfg": cfg, "download": download, "filt": filt, "recaption": recaption,
                                        "tars": tars, "out": out})
-        results = ds.take_all()
+        with phases("build pass (decode, resize, encode, write)", rows=rows_todo):
+            results = ds.take_all()
     wall = time.time() - t0
     # Every shard, including ones built by an earlier (interrupted) run.
     built = {int(r["index"]): (int(r["rows"]), int(r["heldout"])) for r in results}
@@ -278,7 +284,8 @@ def run(inputs: dict[str, Artifact], cfg: ShardConfig, out: Artifact) -> dict[st
     counts = {"rows_in": sum(kept.values()), "rows_out": rows_out, "rows_train": rows_out - heldout,
               "rows_heldout": heldout, "decode_errors": errors, "shards": len(specs), "shards_written": len(todo),
               "shards_resumed": len(specs) - len(todo), "resolutions": list(cfg.resolutions),
-              "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None}
+              "rows_per_s": round(rows_todo / wall, 2) if rows_todo and wall > 0 else None,
+              "phase_s": phases.seconds}
     log.info("[shard] summary: rows in %d, rows out %d (%d held out), decode errors %d, %d shards (%d resumed), "
              "%.1f rows/s", counts["rows_in"], rows_out, heldout, errors, len(specs), counts["shards_resumed"],
              counts["rows_per_s"] or 0.0)

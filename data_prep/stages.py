@@ -23,12 +23,13 @@ STAGES: list[Stage] = [
     Stage("urls", urls.run, urls.UrlsConfig, service=urls.serve),
     Stage("download", download.run, download.DownloadConfig, inputs={"urls": "urls"}, uses_ray=True,
           resources=task_resources),
-    Stage("filter", filt.run, filt.FilterConfig, inputs={"download": "download"}, uses_ray=True,
+    # version 2: rows carry the URL list's ``labels``.
+    Stage("filter", filt.run, filt.FilterConfig, inputs={"download": "download"}, version=2, uses_ray=True,
           resources=pool_resources),
     Stage("recaption", recaption.run, recaption.RecaptionConfig, inputs={"download": "download", "filter": "filter"},
           uses_ray=True, resources=pool_resources),
-    # version 2: every row carries the ``split`` column.
+    # version 2: every row carries the ``split`` column; 3: and ``labels``.
     Stage("shard", shard.run, shard.ShardConfig,
-          inputs={"download": "download", "filter": "filter", "recaption": "recaption"}, version=2, uses_ray=True,
+          inputs={"download": "download", "filter": "filter", "recaption": "recaption"}, version=3, uses_ray=True,
           resources=task_resources),
 ]

@@ -76,6 +76,7 @@ class UrlsConfig:
     min_size: int = 64
     max_size: int = 256
     port: int = 18650
+    scene: str = "mixed"  # demo: "mixed" (1-3 shapes, any background) or "simple" (data_prep.demo.shapes.SCENES)
     limit: int = 0  # keep only the first N rows of a real source (0: all)
     # Column names in a real source; null: url / caption, text / sample_id in any case (LAION's URL, TEXT).
     url_col: str | None = None
@@ -87,6 +88,8 @@ class UrlsConfig:
             raise ValueError(f"port: {self.port} is not a TCP port")
         if self.n < 1:
             raise ValueError(f"n: must be ≥ 1, got {self.n}")
+        if self.scene not in demo.SCENES:
+            raise ValueError(f"scene: one of {', '.join(demo.SCENES)}, got {self.scene!r}")
         if self.limit < 0:
             raise ValueError(f"limit: must be ≥ 0, got {self.limit}")
         if self.min_size > self.max_size:
@@ -101,7 +104,7 @@ class UrlsConfig:
 
 def run(inputs: dict[str, Artifact], cfg: UrlsConfig, out: Artifact) -> dict:
     if cfg.source == "demo":
-        items = list(demo.generate(cfg.n, cfg.seed, cfg.min_size, cfg.max_size)) + demo.broken_items()
+        items = list(demo.generate(cfg.n, cfg.seed, cfg.min_size, cfg.max_size, scene=cfg.scene)) + demo.broken_items()
         rows = demo.write_site(out.fs, out.child("site"), items)
         table = demo.write_url_parquet(rows, base_url(cfg), out.fs, out.child(URLS_FILE))
         log.info("[urls] demo site: %d items (%d broken on purpose) served at %s", len(items),

@@ -16,6 +16,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Data 2.60 starts 32 footer-reading actors per Parquet read; the tests' reads have a few files
+# (the demo sets the same in its config). Inherited by every Ray node the tests start.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 
 import torch  # noqa: E402
 
@@ -54,26 +57,29 @@ def node_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 4, temp_root: str | None = None):
+def ray_head(num_cpus: int = 4, temp_root: str | None = None, extra_args: tuple[str, ...] = (),
+             extra_env: dict[str, str] | None = None, port: int | None = None):
     """A real Ray head node on 127.0.0.1 with a job server, stopped on exit.
 
     ``ray start --block`` tears down exactly the processes it started when terminated, so
     tests never need the machine-wide ``ray stop`` (which would kill other Ray sessions).
+    ``extra_args`` / ``extra_env`` go to that ``ray start`` (``fake_autoscaling_head``), ``port``
+    is its GCS port (default: a free one); the yielded ``pid`` is its process group's.
     """
     import tempfile
 
-    port, dash = free_port(), free_port()
+    port, dash = port or free_port(), free_port()
     # Ray's socket paths must stay short (AF_UNIX limit), so keep the temp dir near /tmp.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir=temp_root or "/tmp")
     # Job entrypoints say plain `python`: it must be this interpreter (the venv's), as under test.sh.
-    env = {**node_env(), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**node_env(), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
          # Own agent ports: another Ray on the machine (a demo run) must not hold ours.
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"127.0.0.1:{port}"
@@ -91,7 +97,7 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None):
                     raise RuntimeError("ray head did not come up") from None
                 time.sleep(1)
         _wait_for_job_agent(dashboard, deadline)
-        yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
+        yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir, "pid": proc.pid}
     finally:
         _stop(proc)
 
@@ -130,6 +136,62 @@ def ray_worker_node(address: str, num_cpus: int = 2):
         yield temp_dir
     finally:
         _stop(proc)
+
+
+def submit_pipeline(dashboard: str, root: Path, stages: str, *overrides: str, timeout: float,
+                    working_dir: str = str(REPO)) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir .`` of the demo config's ``stages`` (comma-separated) into
+    ``root``, on 24 URLs served on a free port, with ``overrides`` (``key=value``); blocks until the
+    job ends. The ``ray`` CLI runs without the session's RAY_ADDRESS (``node_env``).
+    ``working_dir="local://<repo>"`` uses the checkout in place on every node (no upload)."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    return subprocess.run(
+        [ray_bin, "job", "submit", "--address", dashboard, "--working-dir", working_dir, "--",
+         "python", "workflows/full_pipeline.py", "--config", "workflows/configs/demo.yaml", f"run.root={root}",
+         "--stages", stages, "urls.n=24", f"urls.port={free_port()}", *overrides],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=node_env())
+
+
+@contextlib.contextmanager
+def fake_autoscaling_head(cluster_yaml: str | Path, tmp_path: Path, extra_env: dict[str, str] | None = None,
+                          **config_kwargs):
+    """A 0-CPU head whose autoscaler (Ray's v1 ``monitor.py``) starts and stops the worker node types
+    of ``cluster_yaml`` as extra raylets on this machine (``tests/fake_autoscaler.py``), on 127.0.0.1,
+    own ports and temp dir. Yields ``ray_head``'s dict plus ``config`` (the autoscaler config).
+    ``extra_env`` reaches every process of the cluster (nodes, job drivers, workers).
+
+    Never ``AutoscalingCluster.start()``: it runs the machine-wide ``ray stop --force``. The
+    provider starts its nodes inside the monitor, a child of this head's ``ray start``, so they
+    stay in its process group; stopping the head leaves them running (its ``ray start`` stops only
+    what it started), so the group is killed afterwards.
+    """
+    import json
+    import signal
+
+    from tests.fake_autoscaler import fake_autoscaler_config
+
+    port = free_port()
+    config = fake_autoscaler_config(cluster_yaml, f"127.0.0.1:{port}", **config_kwargs)
+    path = tmp_path / "autoscaler.json"
+    path.write_text(json.dumps(config))
+    head_res = config["available_node_types"]["ray.head.default"]["resources"]
+    env = {
+        "RAY_FAKE_CLUSTER": "1",  # the provider refuses to start without it
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the monitor's loop (default 5 s)
+        # The provider starts nodes without a node IP: Ray would pick this machine's address; with
+        # "clusters not enabled" it takes the loopback address, as every server here must.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        **(extra_env or {}),
+    }
+    args = (f"--autoscaling-config={path}", f"--object-store-memory={head_res['object_store_memory']}")
+    head = None
+    try:
+        with ray_head(num_cpus=head_res.get("CPU", 0), extra_args=args, extra_env=env, port=port) as head:
+            yield {**head, "config": config}
+    finally:
+        if head is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head["pid"], signal.SIGKILL)
 
 
 @pytest.fixture

@@ -18,15 +18,17 @@ from pipeline.store import Artifact
 
 
 def write_fake_shard(art: Artifact, n: int, resolutions=(16, 32, 64), seed: int = 0, files: int = 2,
-                     heldout_fraction: float = 0.1, photos: bool = False, recaption: str = "some") -> pa.Table:
+                     heldout_fraction: float = 0.1, photos: bool = False, recaption: str = "some",
+                     scene: str = "mixed") -> pa.Table:
     """Write ``parquet/NNNNN.parquet`` files as the shard stage lays them out; return the table.
 
     ``recaption``: ``"some"`` leaves every third recaption empty (the caption fallback is then
     exercised) and prefixes the others; ``"copy"`` repeats the caption. ``photos`` mixes in the
-    demo's real photographs beside its drawn shapes.
+    demo's real photographs beside its drawn shapes; ``scene``: the shapes' kind (demo.SCENES).
+    ``labels`` carries each drawing's ground truth, as the demo's URL list does.
     """
     cfg = ShardConfig(resolutions=list(resolutions), heldout_fraction=heldout_fraction)
-    items = list(demo.generate(n, seed, min_size=64, max_size=128, photos=photos))
+    items = list(demo.generate(n, seed, min_size=64, max_size=128, photos=photos, scene=scene))
     splits = split_labels([it.sample_id for it in items], heldout_fraction)
     rows = []
     for i, item in enumerate(items):
@@ -36,7 +38,8 @@ def write_fake_shard(art: Artifact, n: int, resolutions=(16, 32, 64), seed: int 
                "recaption": item.caption if recaption == "copy" else "" if i % 3 == 0 else f"an image: {item.caption}",
                "orig_width": img.width, "orig_height": img.height, "aspect": img.width / img.height,
                "clip_sim": 0.3, "aesthetic": 5.5, "pwatermark": None, "punsafe": None,
-               "caption_words": len(item.caption.split()), "sha256": hashlib.sha256(item.data).hexdigest()}
+               "caption_words": len(item.caption.split()), "sha256": hashlib.sha256(item.data).hexdigest(),
+               "labels": item.labels}
         for r in resolutions:
             row[f"jpg_{r}"] = encode(ImageOps.fit(img, (r, r), Image.Resampling.BICUBIC), "jpg", quality=95)
         rows.append(row)

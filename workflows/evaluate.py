@@ -7,8 +7,13 @@ seed; the result is compared with the held-out real images at the generator's re
 shard stage decided the split, so no training stage saw them). Metrics: SWD on patches always
 (needs no weights); Fréchet distance and k-NN precision/recall on a pluggable feature network
 (``features``: ``tiny`` random convs offline, ``inception`` for FID, ``dinov2`` for FD-DINOv2
-where weights exist); CLIP score with the configured open_clip model. Writes ``metrics.json``
-and ``metrics.md``.
+where weights exist); CLIP score with the configured open_clip model. Where the data carry ground
+truth (the demo), the ``oracle`` stage's classifier grades prompt following (``colour_acc``,
+``shape_acc``, ``background_acc``: the predicted attribute against the prompt's) and gives
+``oracle_fd``; the table adds the chance level and the oracle's own accuracy on real held-out images.
+With ``initial`` each model is also scored as its stage initialised it (``<model> (init)``), the
+floor that learning is read against. Writes ``metrics.json``, ``metrics.md`` and one
+``grid_<model>.png`` per model (samples with their prompts).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from genmodels.metrics import (
     swd,
     tiny_features,
 )
+from genmodels.metrics.oracle import accuracy
 from pipeline.stage import Stage
 from pipeline.store import Artifact
-from workflows import pagoda, report, shard_data, wuerstchen
+from workflows import oracle, pagoda, report, shard_data, wuerstchen
+from workflows.train import export
 
 FAMILIES = (wuerstchen, pagoda)
 log = logging.getLogger("genmodels")
@@ -54,23 +61,33 @@ class EvaluateConfig:
     clip_model: str = "tiny-clip"
     clip_pretrained: str | None = None
     swd_patches_per_image: int = 128
+    initial: bool = True  # also score each model as its stage initialised it: the floor learning is read against
+    grid_images: int = 16  # samples per model drawn with their prompts (grid_<model>.png)
+    prompt_repeats: int = 1  # samples per held-out prompt for the oracle's grades (distinct seeds)
 
     def validate(self) -> None:
         if self.n_samples < 2:
             raise ValueError(f"n_samples: need at least 2, got {self.n_samples}")
+        if self.prompt_repeats < 1:
+            raise ValueError(f"prompt_repeats: need at least 1, got {self.prompt_repeats}")
 
 
-def heldout_reals(shard: Artifact, resolution: int, cfg: EvaluateConfig) -> tuple[torch.Tensor, list[str]]:
-    """Held-out images at ``resolution`` in [-1, 1] and their captions (deterministic order: by id)."""
-    col = shard_data.image_column(shard_data.columns(shard), resolution)
-    table = shard_data.read_table(shard, ["caption", *_alt(cfg), col], split=shard_data.HELDOUT)
+def heldout_reals(shard: Artifact, resolution: int,
+                  cfg: EvaluateConfig) -> tuple[torch.Tensor, list[str], list[dict[str, str] | None]]:
+    """Held-out images at ``resolution`` in [-1, 1], their captions and their ground truth
+    (``shard_data.scene_labels``; all None for real data), in a deterministic order: by id."""
+    names = shard_data.columns(shard)
+    col = shard_data.image_column(names, resolution)
+    labels = [shard_data.LABELS] if shard_data.LABELS in names else []
+    table = shard_data.read_table(shard, ["caption", *_alt(cfg), *labels, col], split=shard_data.HELDOUT)
     table = table.sort_by("sample_id").slice(0, cfg.n_samples)
     if table.num_rows < 2:
         raise ValueError(f"evaluate: only {table.num_rows} held-out rows in {shard.uri}; "
                          "raise stages.shard.heldout_fraction")
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     caps = shard_data.captions(rows, cfg.caption_column)
-    return torch.from_numpy(shard_data.decode(rows[col], resolution)), [str(c) for c in caps]
+    truth = shard_data.scene_labels(rows[shard_data.LABELS]) if labels else [None] * table.num_rows
+    return torch.from_numpy(shard_data.decode(rows[col], resolution)), [str(c) for c in caps], truth
 
 
 def _alt(cfg: EvaluateConfig) -> list[str]:
@@ -102,6 +119,22 @@ def score(fake: torch.Tensor, real: torch.Tensor, captions: list[str], cfg: Eval
     return out
 
 
+def judged(fake: torch.Tensor, real: torch.Tensor, truth: list[dict[str, str] | None],
+           judge: tuple[Any, dict[str, Any]]) -> dict[str, float]:
+    """The oracle's grades (workflows.oracle): per attribute, the share of samples whose predicted class
+    is the one their prompt's ground truth names (``<attr>_acc``, over prompts with ground truth), and
+    the Fréchet distance between the oracle's features of the samples and of the held-out reals."""
+    model, meta = judge
+    pf, ff = model.predict(fake)
+    _, fr = model.predict(real)
+    out = {"oracle_fd": float(frechet_distance_from_features(ff.double(), fr.double()))}
+    known = [i for i, t in enumerate(truth) if t is not None]
+    want = oracle.targets([truth[i] for i in known], meta["classes"])
+    for attr, target in want.items():
+        out[f"{attr}_acc"] = accuracy(pf[attr][known], target)
+    return out
+
+
 def build_features(cfg: EvaluateConfig) -> Callable | None:
     if not {"fd", "prdc"} & set(cfg.metrics):
         return None
@@ -112,13 +145,15 @@ def build_features(cfg: EvaluateConfig) -> Callable | None:
     return tiny_features(seed=cfg.seed)
 
 
-def generator_inputs() -> dict[str, str]:
-    """The evaluate stage's inputs: the shard and, per model of every family, its artifacts by role
-    (``"<model>.<role>"``), taken from the families' ``GENERATORS``."""
-    roles = {"shard": "shard"}
-    for fam in FAMILIES:
-        for model, needs in fam.GENERATORS.items():
-            roles.update({f"{model}.{role}": stage for role, stage in needs.items()})
+def generator_inputs(generators: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """The evaluate stage's inputs: the shard, the oracle and, per model, its artifacts by role
+    (``"<model>.<role>"``), from ``generators`` ({model: {role: stage}}; default: the families'
+    ``GENERATORS``)."""
+    if generators is None:
+        generators = {m: needs for fam in FAMILIES for m, needs in fam.GENERATORS.items()}
+    roles = {"shard": "shard", "oracle": "oracle"}
+    for model, needs in generators.items():
+        roles.update({f"{model}.{role}": stage for role, stage in needs.items()})
     return roles
 
 
@@ -152,18 +187,34 @@ def run(inputs: dict[str, Artifact], cfg: EvaluateConfig, out: Artifact) -> dict
         model, _, tokenizer = clip_mod.build_clip(cfg.clip_model, cfg.clip_pretrained)
         clip = (model, tokenizer)
     table: dict[str, dict[str, float]] = {}
-    for fam, arts in models_in(inputs).values():
-        gen = fam.load_generator(arts)
-        real, caps = heldout_reals(shard, gen.resolution, cfg)
-        with torch.no_grad():
-            fake = gen.sample(caps, cfg.seed)
-        table[gen.name] = score(fake, real, caps, cfg, feats, clip) | {"nfe": float(gen.nfe)}
-
+    judge = oracle.load(inputs["oracle"]) if "oracle" in inputs else None
+    reals: dict[int, tuple[torch.Tensor, list[str], list[dict[str, str] | None]]] = {}
+    models = models_in(inputs)
+    for fam, arts in models.values():
+        for initial in (False, True) if cfg.initial else (False,):
+            gen = fam.load_generator(arts, initial=initial)
+            name = f"{gen.name} (init)" if initial else gen.name
+            if gen.resolution not in reals:
+                reals[gen.resolution] = heldout_reals(shard, gen.resolution, cfg)
+            real, caps, truth = reals[gen.resolution]
+            with torch.no_grad():  # each prompt prompt_repeats times: the oracle's grades get more samples
+                fake = gen.sample(caps * cfg.prompt_repeats, cfg.seed)
+            table[name] = score(fake[:len(caps)], real, caps, cfg, feats, clip) | {"nfe": float(gen.nfe)}
+            if judge is not None:
+                table[name] |= judged(fake, real, truth * cfg.prompt_repeats, judge)
+            if not initial:
+                out.write_bytes(f"grid_{gen.name}.png", export.captioned_grid(fake[:cfg.grid_images],
+                                                                               caps[:cfg.grid_images]))
+    if judge is not None and reals:
+        truth = next(iter(reals.values()))[2]
+        table["chance"] = {f"{k}_acc": v for k, v in oracle.chance([t for t in truth if t]).items()}
+        for r, acc in judge[1]["heldout_accuracy"].items():
+            table[f"oracle on real {r} px"] = {f"{k}_acc": v for k, v in acc.items()}
     out.write_json("metrics.json", table)
     out.write_bytes("metrics.md", ("\n".join(report.metrics_markdown(table)) + "\n").encode())
     for m, v in table.items():
         log.info("[evaluate] %s: %s", m, ", ".join(f"{k}={x:.4g}" for k, x in v.items()))
-    return {"models": len(table), "n_samples": cfg.n_samples, "wall_s": round(time.time() - t0, 2),
+    return {"models": len(models), "n_samples": cfg.n_samples, "wall_s": round(time.time() - t0, 2),
             **{f"swd_{m}": round(v["swd"], 4) for m, v in table.items() if "swd" in v}}
 
 

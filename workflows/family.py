@@ -7,7 +7,8 @@ A family package (``workflows/wuerstchen``, ``workflows/pagoda``) exports:
 - ``GENERATORS``: {model name: {role: stage name}}, the trained artifacts each of its
   samplers needs (e.g. ``{"pagoda_64": {"generator": "pagoda_grow_64"}}``), derived from
   ``STAGES`` so that a new stage row adds its model everywhere;
-- ``load_generator(artifacts) -> Generator``: ``artifacts`` keyed by those roles.
+- ``load_generator(artifacts, initial=False) -> Generator``: ``artifacts`` keyed by those roles;
+  ``initial`` gives the model as its stage built it before training (the floor evaluation shows).
 """
 
 from __future__ import annotations

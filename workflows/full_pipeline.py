@@ -31,13 +31,13 @@ from pipeline import config as config_mod  # noqa: E402
 from pipeline import runner  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
 from pipeline.store import Store  # noqa: E402
-from workflows import evaluate, pagoda, report, wuerstchen  # noqa: E402
+from workflows import evaluate, oracle, pagoda, report, wuerstchen  # noqa: E402
 
 log = logging.getLogger("genmodels")
 
 # The table of contents. Each family owns its rows (inputs named by role); evaluate reads every
 # family's generators through the same face (workflows/family.py).
-STAGES: list[Stage] = [*data_stages.STAGES, *wuerstchen.STAGES, *pagoda.STAGES, evaluate.STAGE]
+STAGES: list[Stage] = [*data_stages.STAGES, *wuerstchen.STAGES, *pagoda.STAGES, oracle.STAGE, evaluate.STAGE]
 
 
 def stage_table(sections: Mapping[str, Any]) -> list[Stage]:
@@ -47,8 +47,8 @@ def stage_table(sections: Mapping[str, Any]) -> list[Stage]:
     if [s.name for s in rows] == [s.name for s in pagoda.STAGES]:
         return STAGES
     gens = {**wuerstchen.GENERATORS, **pagoda.generators(rows, pagoda.base_resolution(sections))}
-    inputs = {"shard": "shard", **{f"{m}.{role}": st for m, needs in gens.items() for role, st in needs.items()}}
-    return [*data_stages.STAGES, *wuerstchen.STAGES, *rows, dataclasses.replace(evaluate.STAGE, inputs=inputs)]
+    return [*data_stages.STAGES, *wuerstchen.STAGES, *rows, oracle.STAGE,
+            dataclasses.replace(evaluate.STAGE, inputs=evaluate.generator_inputs(gens))]
 
 
 def raw_sections(path: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -121,6 +121,8 @@ def init_ray(cfg: config_mod.PipelineConfig) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ} | dict(cfg.ray.env)
+    for k, v in cfg.ray.env.items():  # the driver plans Ray Data reads too (e.g. Ray Data's own knobs)
+        os.environ.setdefault(k, str(v))
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     kwargs = {} if address else {"num_cpus": cfg.ray.num_cpus, "include_dashboard": False}
     token_file = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")

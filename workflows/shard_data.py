@@ -8,13 +8,16 @@ image at each training resolution R as ``{jpg|png|webp}_R`` (an encoded R×R cen
 - which caption: ``caption_column`` with the fallback rule (an empty recaption -> the caption);
 - which image: R exactly, else the smallest stored side above R (resized on decode);
 - decoded images: float32 (N, 3, R, R) in [-1, 1], through the bomb-guarded ``decode_rgb``;
-- previews: the first n rows, read with pyarrow in the driver (no Ray job).
+- previews: the first n rows, read with pyarrow in the driver (no Ray job);
+- ground truth: the ``labels`` column (JSON written by the demo site, null for real data) parsed by
+  :func:`scene_labels`, for evaluation only: no training stage reads it.
 
 ``row_id`` (int64 hash of ``sample_id``) is added to every row: the training loop's resume key.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +38,7 @@ __all__ = ["TRAIN", "HELDOUT", "SPLIT_COLUMN", "columns", "image_columns", "imag
 
 _IMAGE = re.compile(r"^(jpg|jpeg|png|webp)_(\d+)$")
 SPLITS = (TRAIN, HELDOUT)
+LABELS = "labels"  # data_prep.demo.item.DemoItem.labels: {"background", "objects": [largest first]}
 
 
 def columns(art: Artifact, subdir: str = "") -> list[str]:
@@ -227,3 +231,43 @@ def split_ids(shard: Artifact) -> dict[str, set[str]]:
     table = read_table(shard, ["sample_id", SPLIT_COLUMN], split=None)
     ids, splits = table.column("sample_id").to_pylist(), table.column(SPLIT_COLUMN).to_pylist()
     return {s: {i for i, t in zip(ids, splits) if t == s} for s in SPLITS}
+
+
+def scene_labels(values: Iterable[Any]) -> list[dict[str, str] | None]:
+    """Per row, the graded attributes of a ``labels`` value: ``colour`` and ``shape`` of the main
+    (largest) object and ``background`` (a gradient's first colour); None where a row has no labels."""
+    out: list[dict[str, str] | None] = []
+    for v in values:
+        if v is None or v == "":
+            out.append(None)
+            continue
+        spec = json.loads(v)
+        objects = spec.get("objects") or []
+        if not objects:
+            out.append(None)
+            continue
+        main = objects[0]
+        out.append({"colour": main["colour"], "shape": main["shape"],
+                    "background": str(spec.get("background", "")).split(" to ")[0]})
+    return out
+
+
+def labelled(art: Artifact, resolution: int, split: str, caption_column: str = "caption",
+             limit: int | None = None) -> tuple[np.ndarray, list[dict[str, str]], list[str]]:
+    """The rows of ``split`` that carry ground truth, in ``sample_id`` order (the first ``limit``):
+    images decoded at ``resolution`` (N, 3, R, R) in [-1, 1], their graded attributes, their captions.
+    Empty when the shard has no ``labels`` column (real data)."""
+    names = columns(art)
+    if LABELS not in names:
+        return np.zeros((0, 3, resolution, resolution), np.float32), [], []
+    col = image_column(names, resolution)
+    alt = [caption_column] if caption_column != "caption" else []
+    table = read_table(art, ["caption", *alt, LABELS, col], split=split)
+    table = table.filter(pc.invert(pc.is_null(table.column(LABELS)))).sort_by("sample_id")
+    if limit is not None:
+        table = table.slice(0, limit)
+    rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    labels = scene_labels(rows[LABELS])
+    keep = [i for i, lab in enumerate(labels) if lab is not None]
+    caps = captions(rows, caption_column)
+    return (decode(rows[col][keep], resolution), [labels[i] for i in keep], [str(caps[i]) for i in keep])

@@ -24,8 +24,9 @@ No Ray here: this is plain data generation plus a test server.
 from data_prep.demo.broken import BROKEN_REASONS, broken_items
 from data_prep.demo.catalog import generate
 from data_prep.demo.item import OK, DemoItem, Shape
+from data_prep.demo.shapes import SCENES
 from data_prep.demo.site import serve, write_site
 from data_prep.demo.url_list import URL_SCHEMA, write_url_parquet
 
-__all__ = ["BROKEN_REASONS", "OK", "URL_SCHEMA", "DemoItem", "Shape", "broken_items", "generate", "serve",
+__all__ = ["BROKEN_REASONS", "OK", "SCENES", "URL_SCHEMA", "DemoItem", "Shape", "broken_items", "generate", "serve",
            "write_site", "write_url_parquet"]

@@ -4,6 +4,7 @@ source shares (a seeded choice, image encoding)."""
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,20 @@ class DemoItem:
     @property
     def sample_id(self) -> str:
         return posixpath.splitext(self.name)[0]
+
+    @property
+    def labels(self) -> str | None:
+        """The drawing's ground truth as JSON (None for photos and broken items): ``background``
+        and ``objects``, largest first (the "main object" an oracle is graded on), each with
+        ``shape``, ``colour``, ``size`` and centre ``x``, ``y`` / width, height and ``r`` / min side.
+        It travels beside the caption to the shard for evaluation and never into training."""
+        if not self.shapes or not self.width or not self.height:
+            return None
+        side = min(self.width, self.height)
+        objects = [{"shape": s.kind, "colour": s.colour, "size": s.size, "x": round(s.cx / self.width, 4),
+                    "y": round(s.cy / self.height, 4), "r": round(s.r / side, 4)}
+                   for s in sorted(self.shapes, key=lambda s: -s.r)]
+        return json.dumps({"background": self.background, "objects": objects}, sort_keys=True)
 
 
 

@@ -48,6 +48,10 @@ SHAPES = ("circle", "square", "rectangle", "triangle", "star", "ring", "diamond"
 SIZES = {"small": (0.09, 0.13), "medium": (0.15, 0.21), "large": (0.24, 0.32)}  # r / min(W, H)
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 MIN_COLOUR_DISTANCE = 110.0  # RGB distance between an object and its background
+# "mixed": 1-3 shapes of any size on any background (what the data stages are tested on);
+# "simple": one medium or large shape, whole after a centre crop, on a plain background: what a
+# tiny model learns on 2 cores in minutes (the demo's training data, issue 11).
+SCENES = ("mixed", "simple")
 SUPERSAMPLE = 2  # draw at 2x and box-filter down: cheap anti-aliasing
 
 
@@ -79,11 +83,12 @@ def _position_words(cx: float, cy: float, w: int, h: int) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _background(rng: np.random.Generator, w: int, h: int, names: Sequence[str]) -> tuple[np.ndarray, str, str]:
+def _background(rng: np.random.Generator, w: int, h: int, names: Sequence[str],
+                plain: bool = False) -> tuple[np.ndarray, str, str]:
     """Return (HxWx3 float array, caption phrase, colour words) for a random background."""
     base = pick(rng, names)
     rgb = np.array(BACKGROUND_COLOURS[base], dtype=np.float32)
-    style = pick(rng, ("plain", "plain", "gradient", "speckled", "striped"))
+    style = "plain" if plain else pick(rng, ("plain", "plain", "gradient", "speckled", "striped"))
     img = np.broadcast_to(rgb, (h, w, 3)).astype(np.float32)
     if style == "gradient":
         other = pick(rng, [n for n in names if n != base])
@@ -152,18 +157,21 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown shape {kind!r}")
 
 
-def _place(rng: np.random.Generator, w: int, h: int, count: int) -> list[tuple[str, float, float, float]]:
-    """Non-overlapping (size, cx, cy, r) placements; shrinks or drops objects that do not fit."""
+def _place(rng: np.random.Generator, w: int, h: int, count: int,
+           sizes: Sequence[str] = tuple(SIZES), central: bool = False) -> list[tuple[str, float, float, float]]:
+    """Non-overlapping (size, cx, cy, r) placements; shrinks or drops objects that do not fit.
+    `central`: inside the centred min(w, h) square, so a centre crop keeps the whole object."""
     placed: list[tuple[str, float, float, float]] = []
     s = min(w, h)
+    x0, y0, x1, y1 = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2) if central else (0, 0, w, h)
     for _ in range(count):
-        size = pick(rng, tuple(SIZES))
+        size = pick(rng, tuple(sizes))
         for attempt in range(60):
             if attempt == 30:
                 size = "small"
             lo, hi = SIZES[size]
             r = max(5.0, s * rng.uniform(lo, hi))
-            cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
+            cx, cy = rng.uniform(x0 + r + 1, x1 - r - 1), rng.uniform(y0 + r + 1, y1 - r - 1)
             if all(math.hypot(cx - x, cy - y) > r + q + 3 for _, x, y, q in placed):
                 placed.append((size, cx, cy, r))
                 break
@@ -171,12 +179,16 @@ def _place(rng: np.random.Generator, w: int, h: int, count: int) -> list[tuple[s
 
 
 def _shape_image(
-    rng: np.random.Generator, w: int, h: int, grayscale: bool = False
+    rng: np.random.Generator, w: int, h: int, grayscale: bool = False, scene: str = "mixed"
 ) -> tuple[Image.Image, tuple[Shape, ...], str, str]:
-    """Draw 1-3 shapes; return (RGB image, shapes, background words, background phrase)."""
+    """Draw 1-3 shapes ("mixed"), or one medium or large shape inside the centre square on a plain
+    background ("simple"); return (RGB image, shapes, background words, background phrase)."""
+    if scene not in SCENES:
+        raise ValueError(f"scene: one of {SCENES}, got {scene!r}")
+    simple = scene == "simple"
     S = SUPERSAMPLE
     bg_names = ACHROMATIC_BACKGROUNDS if grayscale else tuple(BACKGROUND_COLOURS)
-    bg, bg_phrase, bg_words = _background(rng, w * S, h * S, bg_names)
+    bg, bg_phrase, bg_words = _background(rng, w * S, h * S, bg_names, plain=simple)
     bg_rgbs = [np.array(BACKGROUND_COLOURS[n], dtype=np.float32) for n in bg_words.split(" to ")]
     canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     palette = ACHROMATIC if grayscale else tuple(OBJECT_COLOURS)
@@ -185,8 +197,10 @@ def _shape_image(
         for c in palette
         if min(np.linalg.norm(np.array(OBJECT_COLOURS[c]) - b) for b in bg_rgbs) > MIN_COLOUR_DISTANCE
     ]
-    count = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
-    placed = _place(rng, w, h, count)
+    if simple:
+        placed = _place(rng, w, h, 1, sizes=("medium", "large"), central=True)
+    else:
+        placed = _place(rng, w, h, int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25])))
     # Distinct colours while the palette allows: captions and pixel checks stay unambiguous.
     colours = [visible[k] for k in rng.permutation(len(visible))] * len(placed)
     shapes = []
@@ -231,9 +245,10 @@ def random_size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple
 
 
 def shape_item(
-    rng: np.random.Generator, sample_id: str, w: int, h: int, mode: str = "RGB", fmt: str = "jpg"
+    rng: np.random.Generator, sample_id: str, w: int, h: int, mode: str = "RGB", fmt: str = "jpg",
+    scene: str = "mixed",
 ) -> DemoItem:
-    img, shapes, bg_words, bg_phrase = _shape_image(rng, w, h, grayscale=mode == "L")
+    img, shapes, bg_words, bg_phrase = _shape_image(rng, w, h, grayscale=mode == "L", scene=scene)
     caption = _shape_caption(rng, shapes, bg_phrase, w, h)
     img = img.convert(mode)
     return DemoItem(f"{sample_id}.{fmt}", encode(img, fmt), caption, w, h, shapes=shapes, background=bg_words)

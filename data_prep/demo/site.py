@@ -39,6 +39,7 @@ def write_site(fs: pafs.FileSystem, root: str, items: Iterable[DemoItem]) -> lis
                 "expected": item.expected,
                 "width": item.width,
                 "height": item.height,
+                "labels": item.labels,
             }
         )
     return rows
@@ -108,7 +109,14 @@ def serve(fs: pafs.FileSystem, root: str, port: int = 0) -> Iterator[str]:
     except OSError as e:
         raise OSError(f"demo site: cannot listen on 127.0.0.1:{port} ({e.strerror}); "
                       "pick another with urls.port=NNNN") from e
-    thread = threading.Thread(target=server.serve_forever, name="demo-data-server", daemon=True)
+    with serving(server, "demo-data-server") as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def serving(server: http.server.HTTPServer, name: str) -> Iterator[str]:
+    """Run ``server`` (bound to 127.0.0.1) in a daemon thread; yield its base URL; shut it down after."""
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 URL_SCHEMA = pa.schema(
     [(name, pa.string()) for name in ("url", "caption", "sample_id", "expected")]
-    + [("width", pa.int32()), ("height", pa.int32())]
+    + [("width", pa.int32()), ("height", pa.int32()), ("labels", pa.string())]
 )
 
 

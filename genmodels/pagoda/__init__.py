@@ -29,6 +29,7 @@ from genmodels.pagoda.losses import (
     rec_loss,
 )
 from genmodels.pagoda.ode import heun_solve, karras_sigmas, ode_invert, ode_sample
+from genmodels.pagoda.perceptual import ProjectedFeatures, RandomProjection, RecAugment, apply_augment, augment_params
 from genmodels.pagoda.steps import (
     PagodaConfig,
     discriminator_loss,
@@ -51,10 +52,15 @@ __all__ = [
     "Guided",
     "PagodaConfig",
     "ProjectedDiscriminator",
+    "ProjectedFeatures",
+    "RandomProjection",
+    "RecAugment",
     "TinyFeatures",
     "UNet",
     "UNetConfig",
     "adaptive_weight",
+    "apply_augment",
+    "augment_params",
     "build_timm_features",
     "clip_loss",
     "condition_transfer",

@@ -2,7 +2,9 @@
 
 - L_rec: perceptual distance between G(z_inv, c) and the real image: channel-normalized feature
   L2 (LPIPS without learned weights) from frozen feature networks at 224^2. The reference code
-  uses DeiT-B + EfficientNet-lite0 (`build_timm_features`); any callable images -> feature maps works.
+  uses DeiT-B + EfficientNet-lite0 (`build_timm_features`), each followed by a fixed random
+  projection, with one random augmentation shared by both images (perceptual.py); any callable
+  images -> feature maps works.
 - L_adv: hinge GAN losses; the generator term is weighted by the VQGAN adaptive weight
   lambda = clip(||grad_W L_rec|| / (||grad_W L_adv|| + 1e-4), 0.01, 10), W = the last decoder
   ResBlock's output conv (official) or the output head (`Generator.adaptive_layer`).
@@ -15,12 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genmodels.pagoda.perceptual import RecAugment, apply_augment, augment_params, upsample
+
 FeatureNet = Callable[[Tensor], list[Tensor]]
 
 
 def resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear to size x size: antialiased when shrinking; growing by matrix products (same numbers)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
+    if x.shape[-1] <= size and x.shape[-2] <= size:
+        return upsample(x, size, size, align_corners=False)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
 
 
@@ -95,27 +102,41 @@ class TinyFeatures(nn.Module):
 
 
 def _normalize_channels(f: Tensor, eps: float = 1e-8) -> Tensor:
-    return f / (f.pow(2).sum(dim=1, keepdim=True) + eps).sqrt()
+    # times rsqrt, not divided by sqrt: the same numbers, and a broadcast division over channels is the
+    # slowest op of the whole distance on a CPU
+    return f * torch.rsqrt(f.pow(2).sum(dim=1, keepdim=True) + eps)
 
 
-def perceptual_distance(features: FeatureNet | Sequence[FeatureNet], x: Tensor, y: Tensor) -> Tensor:
+def perceptual_distance(features: FeatureNet | Sequence[FeatureNet], x: Tensor, y: Tensor,
+                        augment: RecAugment | None = None) -> Tensor:
     """Per-sample sum over layers (and nets) of the spatial mean of ||n(f(x)) - n(f(y))||^2,
-    n = unit L2 norm over channels (LPIPS Eq. 1 with unit weights). The target y gets no graph."""
+    n = unit L2 norm over channels (LPIPS Eq. 1 with unit weights; sony/pagoda cm/karras_diffusion.py
+    `get_recon_loss`, loss_norm=cnn_vit). The target y gets no graph. With ``augment``, x and y are
+    resized to each net's input size and take the same random DiffAugment draw, one per net and call
+    (cm/enc_dec_lib.py `get_xl_feature`, see perceptual.py)."""
     nets = features if isinstance(features, (list, tuple)) else [features]
     total = x.new_zeros(x.shape[0], dtype=torch.float32)
     for net in nets:
-        fx = net(x)
+        xa, ya = x, y
+        if augment is not None:
+            size = getattr(net, "size", None)
+            xa, ya = (resize(x.float(), size), resize(y.float(), size)) if size else (x.float(), y.float())
+            p = augment_params(x.shape[0], xa.shape[-2], xa.shape[-1], x.device, augment.translation_ratio,
+                               augment.cutout_ratio)
+            xa, ya = apply_augment(xa, p), apply_augment(ya, p)
+        fx = net(xa)
         with torch.no_grad():
-            fy = net(y)
+            fy = net(ya)
         for a, b in zip(fx, fy):
             d = (_normalize_channels(a.float()) - _normalize_channels(b.float())).pow(2).sum(dim=1)
             total = total + d.flatten(1).mean(dim=1)
     return total
 
 
-def rec_loss(features: FeatureNet | Sequence[FeatureNet], x: Tensor, target: Tensor) -> Tensor:
+def rec_loss(features: FeatureNet | Sequence[FeatureNet], x: Tensor, target: Tensor,
+             augment: RecAugment | None = None) -> Tensor:
     """L_rec (Sec. 3.2) and, with the teacher's ODE solution as target, L_dstl (Sec. 4.2)."""
-    return perceptual_distance(features, x, target).mean()
+    return perceptual_distance(features, x, target, augment).mean()
 
 
 def d_hinge_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ from genmodels.pagoda.losses import (
     rec_loss,
 )
 from genmodels.pagoda.ode import ode_invert, ode_sample
+from genmodels.pagoda.perceptual import RecAugment
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,20 @@ class PagodaConfig:
     # True: that loss uses its own discriminator models["rec_discriminator"] trained on reals vs
     # reconstructions (official --recon_discriminator=True at 512); False: the main D judges them too.
     rec_discriminator: bool = False
+    # L_rec's distance: the same random DiffAugment on G's output and the target, per step and net
+    # (official; sony/pagoda cm/enc_dec_lib.py get_xl_feature, perceptual.py); False: no augmentation.
+    rec_augment: bool = True
     omega_range: tuple[float, float] = (0.0, 0.0)  # text-to-image: omega ~ U(range) (not public)
-    w_dstl: float = 0.0  # text-to-image: L_dstl toward the teacher's CFG-omega ODE solution (not public)
+    # The adversarial game's omega. "zero": fakes G(eps, c, 0) against reals, D told omega = 0 for both,
+    # as the official D sees the same data condition for reals and fakes and no guidance (cm/karras_
+    # diffusion.py get_decoder_discriminator_loss); guidance is L_dstl's (and CLIP's). "shared": fakes at
+    # omega ~ U(omega_range) and reals shown with the fakes' omega (our earlier choice; it pulls guided
+    # samples toward the unguided data, i.e. against guidance).
+    adv_omega: str = "zero"
+    # text-to-image: L_dstl toward the teacher's CFG-omega ODE solution (not public). Its targets come
+    # precomputed in the batch (``dstl_noise``, ``dstl_omega``, ``dstl_target``: pagoda_invert); without
+    # them the teacher (models["teacher"]) solves the ODE from the fakes' noise online (dstl_points).
+    w_dstl: float = 0.0
     dstl_points: int = 40
     w_clip: float = 0.0  # text-to-image: CLIP regularization (not public)
 
@@ -115,6 +128,7 @@ def invert_latents(models: dict, batch: dict, cfg: PagodaConfig) -> dict:
 
 
 def _fresh(batch: dict, gen: nn.Module, cfg: PagodaConfig) -> tuple[Tensor, Tensor | None]:
+    """Noise and omega of the adversarial fakes (batch "noise" / "omega" override the draws)."""
     z = batch["latent"]
     noise = batch.get("noise")
     if noise is None:
@@ -123,9 +137,13 @@ def _fresh(batch: dict, gen: nn.Module, cfg: PagodaConfig) -> tuple[Tensor, Tens
     if gen.cfg.omega_cond:
         omega = batch.get("omega")
         if omega is None:
-            lo, hi = cfg.omega_range
+            lo, hi = cfg.omega_range if cfg.adv_omega == "shared" else (0.0, 0.0)
             omega = torch.rand(z.shape[0], device=z.device) * (hi - lo) + lo
     return noise, omega
+
+
+def _augment(cfg: PagodaConfig) -> RecAugment | None:
+    return RecAugment() if cfg.rec_augment else None
 
 
 def _lambda(
@@ -141,7 +159,9 @@ def generator_loss(models: dict, batch: dict, cfg: PagodaConfig, step: int = 0) 
 
     L = L_rec(G(z_inv, c), x) + w_adv * lambda * L_adv(G(eps, c))
         [+ w_rec_adv * lambda_r * L_adv(G(z_inv, c))] [+ w_dstl * L_dstl + w_clip * L_clip],
-    fakes from fresh noise eps ~ N(0, 80^2 I). lambda is adaptive up to cfg.adaptive_max_resolution
+    fakes from fresh noise eps ~ N(0, 80^2 I) (at omega 0 unless adv_omega="shared"); L_dstl =
+    d(G(eps_d, c, omega_d), teacher's CFG-omega_d solution from eps_d), read from the batch when
+    precomputed, and CLIP on that guided output. lambda is adaptive up to cfg.adaptive_max_resolution
     and 1 above it; lambda_r is adaptive whenever cfg.adaptive. With separate_updates, even steps
     return the reconstruction terms and odd steps the adversarial ones (an adaptive lambda's
     ||grad_W L_rec|| is then taken with the trunk below W run without autograd, so only one big
@@ -156,10 +176,11 @@ def generator_loss(models: dict, batch: dict, cfg: PagodaConfig, step: int = 0) 
     rec_phase = not cfg.separate_updates or step % 2 == 0
     adv_phase = (not cfg.separate_updates or step % 2 == 1) and (cfg.w_adv > 0 or cfg.w_dstl > 0 or cfg.w_clip > 0)
     loss, logs, l_rec = torch.zeros((), device=z.device), {}, None
+    aug = _augment(cfg)
 
     if rec_phase:
         x_rec = gen(z, omega=omega0, **cond)
-        l_rec = rec_loss(feats, x_rec, x)
+        l_rec = rec_loss(feats, x_rec, x, aug)
         loss = loss + l_rec
         logs["l_rec"] = l_rec.detach()
         if cfg.w_rec_adv > 0:
@@ -170,33 +191,59 @@ def generator_loss(models: dict, batch: dict, cfg: PagodaConfig, step: int = 0) 
 
     if adv_phase:
         noise, omega = _fresh(batch, gen, cfg)
-        fake = gen(noise, omega=omega, **cond)  # fakes reuse the batch's conditions (data label/prompt marginal)
+        # fakes reuse the batch's conditions (data label/prompt marginal); with precomputed L_dstl targets
+        # and no adversarial term, CLIP and L_dstl need only the L_dstl fake
+        stored = cfg.w_dstl > 0 and batch.get("dstl_target") is not None
+        fake = gen(noise, omega=omega, **cond) if cfg.w_adv > 0 or not stored else None
         if cfg.w_adv > 0:
             l_adv = g_hinge_loss(disc(fake, omega=omega, **d_cond))
             rec_norm = None
             if l_rec is None and cfg.adaptive_adv and w.requires_grad:
                 tail = 0 if cfg.lambda_layer == "head" else 1
-                l_rec_w = rec_loss(feats, gen.forward_split(z, omega=omega0, grad_tail=tail, **cond), x)
+                l_rec_w = rec_loss(feats, gen.forward_split(z, omega=omega0, grad_tail=tail, **cond), x, aug)
                 rec_norm = last_layer_grad_norm(l_rec_w, w)
                 logs["l_rec"] = l_rec_w.detach()  # L_rec at the current weights, so every step logs it
             lam = _lambda(cfg, cfg.adaptive_adv, l_rec, l_adv, w, rec_norm)
             loss = loss + cfg.w_adv * lam * l_adv
             logs.update(l_adv=l_adv.detach(), lambda_adv=lam)
+        guided = fake  # G's guided output for CLIP: the L_dstl fake where there is one
         if cfg.w_dstl > 0:
-            with torch.no_grad():
-                e = cfg.edm
-                target = ode_sample(Guided(models["teacher"], 0.0 if omega is None else omega), noise,
-                                    cfg.dstl_points, e.sigma_min, e.sigma_max, e.rho, **cond)
-            l_dstl = rec_loss(feats, fake, target)
+            guided, target = _dstl_pair(models, batch, cfg, noise, omega, fake, cond)
+            l_dstl = rec_loss(feats, guided, target, aug)
             loss = loss + cfg.w_dstl * l_dstl
             logs["l_dstl"] = l_dstl.detach()
         if cfg.w_clip > 0:
-            l_clip = clip_loss(models["clip_image"], fake, batch["text_embed"])
+            l_clip = clip_loss(models["clip_image"], guided, batch["text_embed"])
             loss = loss + cfg.w_clip * l_clip
             logs["l_clip"] = l_clip.detach()
 
     logs["loss"] = loss.detach()
     return loss, logs
+
+
+def _dstl_pair(models: dict, batch: dict, cfg: PagodaConfig, noise: Tensor, omega: Tensor | None, fake: Tensor,
+               cond: dict) -> tuple[Tensor, Tensor]:
+    """(G's output, the teacher's CFG-omega ODE solution from the same noise) for L_dstl.
+
+    Precomputed (batch ``dstl_target`` from ``dstl_noise`` at ``dstl_omega``, pagoda_invert): one more G
+    pass on that noise. Otherwise the teacher solves from the adversarial fakes' noise and omega online
+    (2 * dstl_points - 1 guided evaluations, i.e. ~2x that many teacher passes, every step).
+    """
+    gen = models["generator"]
+    if batch.get("dstl_target") is not None:
+        w = batch["dstl_omega"] if gen.cfg.omega_cond else None
+        return gen(batch["dstl_noise"], omega=w, **cond), batch["dstl_target"]
+    if "teacher" not in models:
+        raise KeyError("w_dstl > 0 needs the batch's precomputed dstl_target (pagoda_invert dstl) or models['teacher']")
+    if gen.cfg.omega_cond and cfg.adv_omega != "shared":  # the adversarial fakes are unguided: draw omega here
+        lo, hi = cfg.omega_range
+        omega = torch.rand(noise.shape[0], device=noise.device) * (hi - lo) + lo
+        fake = gen(noise, omega=omega, **cond)
+    e = cfg.edm
+    with torch.no_grad():
+        target = ode_sample(Guided(models["teacher"], 0.0 if omega is None else omega), noise,
+                            cfg.dstl_points, e.sigma_min, e.sigma_max, e.rho, **cond)
+    return fake, target
 
 
 def discriminator_loss(models: dict, batch: dict, cfg: PagodaConfig) -> tuple[Tensor, dict]:
@@ -206,7 +253,8 @@ def discriminator_loss(models: dict, batch: dict, cfg: PagodaConfig) -> tuple[Te
     noise, omega = _fresh(batch, gen, cfg)
     with torch.no_grad():
         fake = gen(noise, omega=omega, **cond)
-    # Reals see the same omega as the fakes, so D judges realism at the guidance scale G was asked for.
+    # Reals take the fakes' omega: 0 by default (adv_omega "zero", the official game without guidance);
+    # with "shared", the fakes' random omega (the earlier choice, which works against guidance).
     real_logits = disc(batch["image"], omega=omega, **d_cond)
     fake_logits = disc(fake, omega=omega, **d_cond)
     loss = d_hinge_loss(real_logits, fake_logits)

@@ -1,7 +1,11 @@
 """The end-to-end spine: one run of the README's demo per test session, read by every module
 that checks data, both families, evaluation and the report (tests/e2e/test_demo_*.py).
 
-Timeouts: a demo module's first test pays for the run. ``DEMO_TIMEOUT_S`` bounds the
+The run starts in the background at the first end-to-end test, on a Ray head of its own, and the
+tests that read it are moved to the end of the session, so the rest of the suite runs beside it
+(2 cores: the run's critical path is mostly Ray start-up waits and one stage at a time).
+
+Timeouts: a demo module's first test waits for the rest of the run. ``DEMO_TIMEOUT_S`` bounds the
 subprocess and every test in those modules (``demo_timeout``), and is at least twice the
 slowest demo measured on a 2-core machine (the closing note of the change that set it has
 the durations), so a slower machine still passes with margin.
@@ -9,8 +13,10 @@ the durations), so a slower machine still passes with margin.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,18 +24,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, node_env, ray_head
 
 DEMO_TIMEOUT_S = 2400
 demo_timeout = pytest.mark.timeout(DEMO_TIMEOUT_S + 120)
 
 
+def demo_command(root: Path, port: int, *extra: str) -> list[str]:
+    """The README's demo command (through the real CLI) into ``root``."""
+    return [sys.executable, str(REPO / "workflows" / "full_pipeline.py"), "--config", "workflows/configs/demo.yaml",
+            f"run.root={root}", f"urls.port={port}", *extra]
+
+
 def run_demo(root: Path, port: int, *extra: str, timeout: float = DEMO_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """The README's demo command (through the real CLI) into ``root``, on the session's Ray head."""
-    cmd = [sys.executable, str(REPO / "workflows" / "full_pipeline.py"), "--config", "workflows/configs/demo.yaml",
-           f"run.root={root}", f"urls.port={port}", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=dict(os.environ),
-                          check=False)
+    """The demo command on the session's Ray head (RAY_ADDRESS), waited for."""
+    return subprocess.run(demo_command(root, port, *extra), capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=dict(os.environ), check=False)
 
 
 def manifests(root: Path) -> dict[str, dict]:
@@ -41,14 +51,53 @@ def manifests(root: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture(scope="session")
-def demo(ray_cluster, tmp_path_factory):
-    """One full demo run: {"root", "port", "stdout", "wall", "manifests"}."""
+def _reads_demo(item: pytest.Item) -> bool:
+    return "demo" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that read the demo run go last: the run starts in the background at the first
+    end-to-end test (``demo_in_background``), so every other test overlaps it."""
+    later = [it for it in items if _reads_demo(it)]
+    if later:
+        items[:] = [it for it in items if not _reads_demo(it)] + later
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_in_background(request: pytest.FixtureRequest, tmp_path_factory):
+    """When the session selected a test that reads the demo, start the run now, on a Ray head of its
+    own (its logical CPUs are not the other tests'); ``demo`` waits for it. Killed at session end
+    if still running."""
+    if not any(_reads_demo(it) for it in request.session.items):
+        yield None
+        return
     root = tmp_path_factory.mktemp("demo") / "root"
+    log = root.parent / "demo.log"
     port = free_port()
-    t = time.time()
-    r = run_demo(root, port)
-    wall = time.time() - t
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
-    print(f"\n[demo] first run: {wall:.0f}s (timeout {DEMO_TIMEOUT_S}s)")
-    return {"root": root, "port": port, "stdout": r.stdout, "wall": wall, "manifests": manifests(root)}
+    with ray_head() as head, open(log, "w") as out:
+        t0 = time.time()
+        proc = subprocess.Popen(demo_command(root, port), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**node_env(), "RAY_ADDRESS": head["address"]}, start_new_session=True)
+        try:
+            yield {"root": root, "port": port, "proc": proc, "t0": t0, "log": log}
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def demo(demo_in_background, ray_cluster):
+    """The full demo run: {"root", "port", "stdout" (its output), "wall", "manifests"}."""
+    bg = demo_in_background
+    try:
+        rc = bg["proc"].wait(timeout=max(1.0, DEMO_TIMEOUT_S - (time.time() - bg["t0"])))
+    except subprocess.TimeoutExpired:
+        os.killpg(bg["proc"].pid, signal.SIGKILL)
+        pytest.fail(f"the demo ran past {DEMO_TIMEOUT_S}s: " + bg["log"].read_text()[-4000:])
+    wall = os.path.getmtime(bg["log"]) - bg["t0"]  # its last output, not when a test came to wait
+    out = bg["log"].read_text()
+    assert rc == 0, out[-10000:]
+    print(f"\n[demo] first run: {wall:.0f}s (timeout {DEMO_TIMEOUT_S}s), in the background of the other tests")
+    return {"root": bg["root"], "port": bg["port"], "stdout": out, "wall": wall, "manifests": manifests(bg["root"])}

@@ -46,7 +46,7 @@ def fake_shard(inputs, cfg: FakeShardConfig, out):
 
 # PaGoDA's own rows, fed by a fake shard, with the demo's PaGoDA sections (workflows/configs/demo.yaml).
 STAGES = [Stage("shard", fake_shard, FakeShardConfig), *pagoda.STAGES]
-TRAINING = ("pagoda_teacher", *(g["generator"] for g in pagoda.GENERATORS.values()))
+TRAINING = tuple(stage for g in pagoda.GENERATORS.values() for stage in g.values())  # teacher first
 DEMO_STAGES = {k: v for k, v in yaml.safe_load((REPO / "workflows/configs/demo.yaml").read_text())["stages"].items()
                if k.startswith("pagoda_")}
 
@@ -100,9 +100,10 @@ def test_pagoda_stages_smoke(ray_cluster, tmp_path):
 
     # The family face on each trained generator; the control CLI on the 64 px one.
     for model, roles in pagoda.GENERATORS.items():
-        face = pagoda.load_generator({role: arts[stage] for role, stage in roles.items()})
-        assert face.name == model and face.sample(["a red circle"], 0).shape == (1, 3, face.resolution,
-                                                                                 face.resolution)
+        for initial in (False, True):  # the trained model and the one its stage started from
+            face = pagoda.load_generator({role: arts[stage] for role, stage in roles.items()}, initial=initial)
+            assert face.name == model and face.sample(["a red circle"], 0).shape == (1, 3, face.resolution,
+                                                                                     face.resolution)
     out = tmp_path / "control"
     img = sample.child("samples/64/0001.png")
     assert control_main(["superres", "--generator", arts["pagoda_grow_64"].path, "--image", img, "--out", str(out),

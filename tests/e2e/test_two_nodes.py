@@ -6,13 +6,11 @@ so DeepSpeed's gradient all-reduce runs over gloo between the two nodes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, node_env, ray_head, ray_worker_node
+from tests.conftest import ray_head, ray_worker_node, submit_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +18,12 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_one_job_spans_two_nodes_with_a_training_worker_on_each(tmp_path):
     root = tmp_path / "root"  # one machine: both nodes see the same local root
-    ray_bin = str(Path(sys.executable).with_name("ray"))
     with ray_head(num_cpus=2) as head, ray_worker_node(head["address"], num_cpus=2) as worker_tmp:
-        r = subprocess.run(
-            [ray_bin, "job", "submit", "--address", head["dashboard"], "--working-dir", str(REPO), "--",
-             "python", "workflows/full_pipeline.py", "--config", "workflows/configs/demo.yaml", f"run.root={root}",
-             "--stages", "urls,download,filter,recaption,shard,wuerstchen_stage_a", "urls.n=24",
-             f"urls.port={free_port()}", "wuerstchen_stage_a.train.num_workers=2",
-             "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD", "wuerstchen_stage_a.train.zero_stage=2",
-             "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2"],
-            capture_output=True, text=True, timeout=840, cwd=REPO, env=node_env())
+        r = submit_pipeline(head["dashboard"], root, "urls,download,filter,recaption,shard,wuerstchen_stage_a",
+                            "wuerstchen_stage_a.train.num_workers=2",
+                            "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD",
+                            "wuerstchen_stage_a.train.zero_stage=2", "wuerstchen_stage_a.train.total_steps=10",
+                            "wuerstchen_stage_a.train.log_every=2", timeout=840)
         worker_logs = list(Path(worker_tmp).glob("session_*/logs/worker-*.out"))
     assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
     (path,) = root.glob("wuerstchen_stage_a/*/manifest.json")

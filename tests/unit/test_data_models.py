@@ -92,3 +92,22 @@ def test_tiny_llava_round_trips_and_captions(tiny_llava_dir):
     assert all("\x00" not in r for r in out["recaption"])
     with pytest.raises(ValueError, match="must contain the image token"):
         models.LlavaCaptioner(tiny_llava_dir, "no image here", 4)
+
+
+def test_embedding_heads_load_from_s3_as_from_disk(tmp_path, moto_s3):
+    """cluster.yaml keeps LAION's heads on S3: both layouts load from there with their metadata."""
+    import boto3
+
+    aest, wm = _heads(tmp_path)
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    s3.create_bucket(Bucket="heads")
+    for local in (aest, wm):
+        s3.upload_file(local, "heads", local.rsplit("/", 1)[1])
+    emb = torch.randn(7, 64)
+    for local, kind in ((aest, "score"), (wm, "probability")):
+        remote = models.EmbeddingHead(f"s3://heads/{local.rsplit('/', 1)[1]}", kind)
+        here = models.EmbeddingHead(local, kind)
+        assert remote.activation == here.activation and (remote.in_dim, remote.out_dim) == (here.in_dim, here.out_dim)
+        np.testing.assert_array_equal(remote(emb), here(emb))
+    with pytest.raises(FileNotFoundError):
+        models.EmbeddingHead("s3://heads/missing.safetensors")

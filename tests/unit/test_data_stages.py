@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute below
 import pyarrow.parquet as pq
 import pytest
 
@@ -37,8 +38,9 @@ from pipeline.store import Store
     (download.DownloadConfig, {"cpus_per_task": 0.0}, "stages.download.cpus_per_task: must be > 0"),
 ])
 def test_bad_config_names_the_key(cls, data, message):
+    section = next(s.name for s in STAGES if s.config is cls)
     with pytest.raises(ConfigError) as e:
-        build(cls, data, f"stages.{cls.__module__.rsplit('.', 1)[1]}")
+        build(cls, data, f"stages.{section}")
     assert str(e.value).startswith(message), str(e.value)
 
 
@@ -171,6 +173,45 @@ def test_pending_shards_deletes_incomplete_output(tmp_path):
     assert pending == ["b", "c"]
     assert partitions.written_rows(art, "rows") == {"a": 3}
     assert partitions.read_shard_rows(art, "rows", "a").column("key").to_pylist() == ["a0", "a1", "a2"]
+
+
+def test_one_cluster_decides_like_decide_and_writes_complete_shards(tmp_path):
+    """k = 1 skips the Ray shuffle: the rows it writes are decide()'s on all rows, split by shard,
+    and the driver-side tally counts them as the stage's summary does."""
+    art = Store(str(tmp_path)).artifact("filter", "one")
+    t = _scores()
+    t = t.set_column(0, "shard", pa.array(["00000_00000"] * 3 + ["00001_00000"] * 3))
+    for shard_id in ("00000_00000", "00001_00000"):
+        part = t.filter(pa.compute.equal(t.column("shard"), shard_id))
+        partitions.write_shard_file(art, "scores", shard_id, part)
+    cfg = build(filt.FilterConfig, {"min_side": 0, "max_aspect_ratio": 0, "min_aesthetic": 0.0,
+                                    "near_dup_threshold": 0.95, "min_caption_words": 0}, "f")
+    expected = {"00000_00000": 3, "00001_00000": 3}
+    # a crash left half of shard 1's rows: pending_shards deletes them, the pass redoes only that shard
+    partitions.write_shard_file(art, "rows", "00000_00000", filt.decide(t, cfg=cfg).slice(0, 3))
+    partitions.write_shard_file(art, "rows", "00001_00000", filt.decide(t, cfg=cfg).slice(3, 1))
+    pending = partitions.pending_shards(art, "rows", expected)
+    assert pending == ["00001_00000"]
+    filt.decide_one_cluster(art, expected, pending, cfg)
+    assert partitions.pending_shards(art, "rows", expected) == []
+    reference = filt.decide(t, cfg=cfg)
+    got = pa.concat_tables([partitions.read_shard_rows(art, "rows", s) for s in sorted(expected)])
+    assert got.column("key").to_pylist() == reference.column("key").to_pylist()
+    assert got.column("reject").to_pylist() == reference.column("reject").to_pylist()
+    assert "dup_exact" in got.column("reject").to_pylist()  # row 4 duplicates row 2 across the two shards
+    tallies = partitions.tally_files(art, "rows", filt.TALLY_KEYS)
+    per_shard, counts = filt.summarize(tallies, expected, cfg)
+    assert per_shard == {"00000_00000": (3, 3), "00001_00000": (3, 0)}
+    assert counts["rows_out"] == 3 and counts["rejected_by_reason"]["dup_exact"] == 1
+
+
+def test_processor_size_reads_the_saved_config(tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "processor_config.json").write_text('{"image_processor": {"crop_size": {"height": 48}}}')
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "preprocessor_config.json").write_text('{"crop_size": 336}')
+    assert recaption.processor_size(str(tmp_path / "new")) == 48
+    assert recaption.processor_size(str(tmp_path / "old")) == 336
 
 
 # --------------------------------------------------------------------------------------------- shard

@@ -1,9 +1,10 @@
 """The download path against hostile URLs, over loopback HTTP only (127.0.0.1 allowed, 127.0.0.2 not).
 
 Fast in-process tests of :func:`data_prep.fetch.fetch`, then one real img2dataset run of a
-partition (no Ray) that proves the guard reaches img2dataset's spawned workers: refused rows
-are counted ``bad_url``, never fetched, nothing of theirs reaches the tar/parquet output, and a
-30000x30000 PNG bomb is refused from its header with the worker's peak RSS measured.
+partition (no Ray), in the calling process and in img2dataset's spawned pool, that proves the
+guard reaches wherever the shard runs: refused rows are counted ``bad_url``, never fetched,
+nothing of theirs reaches the tar/parquet output, and a 30000x30000 PNG bomb is refused from
+its header with the peak RSS of the process that ran the shard measured.
 """
 
 from __future__ import annotations
@@ -312,7 +313,8 @@ def _stored_mean(out, sample_id: str) -> float:
         return float(np.asarray(Image.open(io.BytesIO(t.extractfile(members[image]).read())).convert("L")).mean())
 
 
-def test_img2dataset_partition_refuses_hostile_rows_and_bounds_memory(sites, tmp_path, capsys):
+@pytest.mark.parametrize("processes", [0, 1])  # in the calling process (default), img2dataset's spawned pool
+def test_img2dataset_partition_refuses_hostile_rows_and_bounds_memory(sites, tmp_path, capsys, processes):
     a = sites["a"]
     urls = [u.format(local=sites["local"], private=sites["private"].base) for _, u, _ in ROWS]
     urls = [u if "://" in u or u.startswith("data:") else a.base + u for u in urls]
@@ -322,6 +324,7 @@ def test_img2dataset_partition_refuses_hostile_rows_and_bounds_memory(sites, tmp
     src.write_parquet("urls.parquet", table)
     cfg = build(download.DownloadConfig, {"rows_per_partition": 20, "rows_per_shard": 20, "image_size": 64,
                                           "threads": 4, "timeout_s": 5, "max_bytes": LIMITS.max_bytes,
+                                          "processes_per_task": processes,
                                           "allow_networks": ["127.0.0.1/32"]}, "stages.download")
     part = download.plan_partitions(src, cfg)[0]
     t = time.time()
@@ -352,7 +355,7 @@ def test_img2dataset_partition_refuses_hostile_rows_and_bounds_memory(sites, tmp
     peak, base = record["peak_rss_mb"], record["base_rss_mb"]
     assert peak is not None and base is not None
     with capsys.disabled():
-        print(f"\n[download safety] worker RSS: base {base:.0f} MB, peak {peak:.0f} MB "
+        print(f"\n[download safety] processes_per_task={processes}, RSS: base {base:.0f} MB, peak {peak:.0f} MB "
               f"(+{peak - base:.0f} MB with a {BOMB_SIDE}x{BOMB_SIDE} PNG bomb in the shard), {wall:.1f}s")
     assert peak - base < 200
     # 16-bit samples reach img2dataset's resizer as 8 bits: stored grey, not saturated white.

@@ -117,6 +117,10 @@ def test_prepare_reads_the_stored_size_from_the_file_and_laion_scores_from_the_j
     assert out["laion_similarity"][0] == pytest.approx(0.31) and np.isnan(out["laion_similarity"][1:]).all()
     assert np.isnan(out["laion_punsafe"]).all() and np.isnan(out["laion_aesthetic"]).all()
     assert out["pixels"].shape[0] == 3
+    # The blank check off (max_uniform_fraction 0): its per-row measurement is skipped, null downstream.
+    off = filt.prepare(batch, model="tiny-clip", pretrained=None, path_to_shard={tar: "00000_00000"},
+                       max_pixels=10_000, uniform_check=False)
+    assert np.isnan(off["uniform_fraction"]).all() and off["width"].tolist() == [60, 30, 0]
 
 
 @pytest.mark.parametrize("data,message", [

@@ -129,7 +129,8 @@ def test_stage_rows_name_their_inputs_by_role():
     assert rows["pagoda_distill"].inputs == {"pairs": "pagoda_invert", "teacher": "pagoda_teacher"}
     assert rows["pagoda_grow_32"].inputs == {"pairs": "pagoda_invert", "generator": "pagoda_distill"}
     assert rows["pagoda_grow_64"].inputs == {"pairs": "pagoda_invert", "generator": "pagoda_grow_32"}
-    assert pagoda.GENERATORS == {"pagoda_16": {"generator": "pagoda_distill"},
+    assert pagoda.GENERATORS == {"pagoda_teacher": {"teacher": "pagoda_teacher"},
+                                 "pagoda_16": {"generator": "pagoda_distill"},
                                  "pagoda_32": {"generator": "pagoda_grow_32"},
                                  "pagoda_64": {"generator": "pagoda_grow_64"}}
     assert rows["pagoda_sample"].inputs == {"shard": "shard", "pagoda_16": "pagoda_distill",

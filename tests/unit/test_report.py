@@ -120,7 +120,7 @@ def test_evaluate_scores_every_generator_of_its_inputs(tmp_path, monkeypatch):
     loaded = []
 
     def loader(fam):
-        def load(arts):
+        def load(arts, initial=False):
             loaded.append((fam, dict(arts)))
             res = 16 if fam == "wuerstchen" else int(arts["generator"].rsplit("_", 1)[1])
             name = fam if fam == "wuerstchen" else f"pagoda_{res}"
@@ -129,11 +129,13 @@ def test_evaluate_scores_every_generator_of_its_inputs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wuerstchen, "load_generator", loader("wuerstchen"))
     monkeypatch.setattr(pagoda, "load_generator", loader("pagoda"))
-    monkeypatch.setattr(evaluate, "heldout_reals", lambda shard, r, cfg: (torch.rand(4, 3, r, r) * 2 - 1, ["c"] * 4))
+    monkeypatch.setattr(evaluate, "heldout_reals",
+                        lambda shard, r, cfg: (torch.rand(4, 3, r, r) * 2 - 1, ["c"] * 4, [None] * 4))
     inputs = {"shard": "shard", "wuerstchen.stage_a": "a", "wuerstchen.stage_b": "b", "wuerstchen.stage_c": "c",
               "pagoda_64.generator": "pagoda_distill_64", "pagoda_512.generator": "pagoda_grow_512"}
     out = Store(str(tmp_path)).artifact("evaluate", "k")
-    counts = evaluate.run(inputs, evaluate.EvaluateConfig(n_samples=4, metrics=["swd"], swd_patches_per_image=8), out)
+    counts = evaluate.run(inputs, evaluate.EvaluateConfig(n_samples=4, metrics=["swd"], swd_patches_per_image=8,
+                                                          initial=False), out)
     assert counts["models"] == 3
     assert set(out.read_json("metrics.json")) == {"wuerstchen", "pagoda_64", "pagoda_512"}
     assert loaded == [("wuerstchen", {"stage_a": "a", "stage_b": "b", "stage_c": "c"}),

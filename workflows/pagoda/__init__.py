@@ -10,7 +10,9 @@ distilled from the pairs, then grown 2x at a time. The family's rows of the stag
 The growth rows come from the config (``table_for``): the base B is ``pagoda_teacher.resolution``, the
 target the largest ``pagoda_grow_<R>`` section, and there is one row per doubling in between (the paper:
 64 -> 128 -> 256 -> 512). Each growth section sets its ``resolution`` to its R. The sample stage's
-inputs and the generators follow from the rows. ``STAGES`` / ``GENERATORS`` are the default table
+inputs and the generators follow from the rows; the teacher is a model too (``pagoda_teacher``, role
+``teacher``: its multi-step Heun sampler with CFG), sampled by evaluate but not by ``pagoda_sample``.
+``STAGES`` / ``GENERATORS`` are the default table
 (B 16, grown to 64: the demo's).
 """
 
@@ -27,8 +29,8 @@ from pipeline.stage import Stage, pool_resources
 from pipeline.store import Artifact
 from workflows.family import Generator
 from workflows.pagoda.invert import InvertConfig, run_invert
-from workflows.pagoda.models import load_one_step
-from workflows.pagoda.sample import SampleConfig, decode, run_sample
+from workflows.pagoda.models import initial_model, load_one_step, load_teacher
+from workflows.pagoda.sample import SampleConfig, decode, device, run_sample, teacher_sample
 from workflows.pagoda.stages import DistillConfig, GrowConfig, TeacherConfig, run_distill, run_grow, run_teacher
 from workflows.train import train_resources
 
@@ -54,9 +56,15 @@ def grow_stage(resolution: int, after: str) -> Stage:
                  inputs={"pairs": "pagoda_invert", "generator": after}, uses_ray=True, resources=train_resources)
 
 
+TEACHER_MODEL = "pagoda_teacher"  # the teacher as a multi-step generator (family face)
+
+
 def generators(stages: list[Stage], base: int = BASE) -> dict[str, dict[str, str]]:
-    """{``pagoda_<R>``: {"generator": stage}} of the generator rows: distillation at ``base``, each
-    growth at twice its input generator's R (checked against the growth row's name)."""
+    """{model: {role: stage}}: the teacher row as ``pagoda_teacher`` ({"teacher": stage}, its multi-step
+    sampler), then ``pagoda_<R>`` ({"generator": stage}) of the generator rows: distillation at ``base``,
+    each growth at twice its input generator's R (checked against the growth row's name)."""
+    teachers = [st.name for st in stages if st.fn is run_teacher]
+    out = {TEACHER_MODEL: {"teacher": teachers[0]}} if teachers else {}
     res: dict[str, int] = {}
     for st in stages:
         if st.fn is run_distill:
@@ -68,13 +76,14 @@ def generators(stages: list[Stage], base: int = BASE) -> dict[str, dict[str, str
             res[st.name] = 2 * res[parent]
             if st.name != f"pagoda_grow_{res[st.name]}":
                 raise ValueError(f"{st.name}: grows {parent!r} ({res[parent]} px) to {res[st.name]} px")
-    return {f"pagoda_{r}": {"generator": name} for name, r in res.items()}
+    return out | {f"pagoda_{r}": {"generator": name} for name, r in res.items()}
 
 
 def family_table(growth: list[Stage], base: int = BASE) -> list[Stage]:
     """Teacher, inversion, distillation, the ``growth`` rows, and a sample stage that reads every generator."""
     rows = [TEACHER, INVERT, DISTILL, *growth]
-    sample_inputs = {"shard": "shard", **{model: g["generator"] for model, g in generators(rows, base).items()}}
+    sample_inputs = {"shard": "shard", **{model: g["generator"] for model, g in generators(rows, base).items()
+                                          if "generator" in g}}  # one-step generators only
     return [*rows, Stage("pagoda_sample", run_sample, SampleConfig, inputs=sample_inputs, uses_ray=True,
                          resources=pool_resources)]
 
@@ -126,10 +135,22 @@ STAGES = family_table(GROWTH)
 GENERATORS = generators(STAGES)
 
 
-def load_generator(artifacts: dict[str, Artifact]) -> Generator:
-    """The family face (workflows.family) of a distillation or growth artifact (``artifacts["generator"]``):
-    one forward pass per prompt from z ~ N(0, 80² I) at the base resolution (PaGoDA Sec. 3.2)."""
-    gen, meta = load_one_step(artifacts["generator"])
+def load_generator(artifacts: dict[str, Artifact], initial: bool = False) -> Generator:
+    """The family face (workflows.family) of a model's artifacts.
+
+    ``{"generator": art}`` (distillation or growth): one forward pass per prompt from z ~ N(0, 80² I) at
+    the base resolution (PaGoDA Sec. 3.2). ``{"teacher": art}``: the teacher's multi-step sampler at the
+    base resolution, Heun on the EDM grid with the CFG scale it was trained for (model_config
+    ``sampler``; Sec. 3.1), nfe = its network passes per image. ``initial=True``: the same sampler on
+    the model as its stage built it before the first step (models.initial_model), each model's floor.
+    """
+    if set(artifacts) == {"teacher"}:
+        return _teacher_face(artifacts["teacher"], initial)
+    if set(artifacts) != {"generator"}:
+        raise ValueError(f"pagoda.load_generator: expected the role 'generator' or 'teacher', got {sorted(artifacts)}")
+    art = artifacts["generator"]
+    gen, meta = (initial_model(art), art.read_json("model_config.json")) if initial else load_one_step(art)
+    gen = gen.to(device())  # images come back on the CPU (decode)
     text = TextEncoder(**meta["text"]) if meta.get("text") else None
     base = int(meta["base_resolution"])
 
@@ -140,3 +161,21 @@ def load_generator(artifacts: dict[str, Artifact]) -> Generator:
 
     res = int(meta["resolution"])
     return Generator(name=f"pagoda_{res}", resolution=res, sample=sample, nfe=1)
+
+
+def _teacher_face(art: Artifact, initial: bool) -> Generator:
+    teacher, meta = (initial_model(art), art.read_json("model_config.json")) if initial else load_teacher(art)
+    teacher = teacher.to(device())  # 2 * points - 1 evaluations per image: on the GPU where there is one
+    sampler = {"points": TeacherConfig.sample_points, "omega": 0.0, **meta.get("sampler", {})}
+    points, omega = int(sampler["points"]), float(sampler["omega"]) if meta.get("text") else 0.0
+    text = TextEncoder(**meta["text"]) if meta.get("text") else None
+    res = int(meta["resolution"])
+
+    def sample(prompts: list[str], seed: int) -> torch.Tensor:
+        cond = text(prompts) if text is not None else {}
+        z = sample_latents((len(prompts), 3, res, res), generator=torch.Generator().manual_seed(seed))
+        return teacher_sample(teacher, z, cond, points, omega)
+
+    # Heun: 2 evaluations per step, an Euler step to sigma = 0 (EDM Alg. 1); CFG doubles each evaluation.
+    nfe = (2 * points - 1) * (2 if omega != 0 else 1)
+    return Generator(name=TEACHER_MODEL, resolution=res, sample=sample, nfe=nfe)

@@ -4,10 +4,12 @@
 
 For every training image x and its horizontal flip: z = reverse Heun of the teacher from
 sigma = 0.002 to 80 on the 40-point Karras grid (78 evaluations), denoised output clipped to
-[-1, 1]. A pair row is keyed by ``sample_id`` and holds ``latent``, ``latent_flip``, the text
-conditions the teacher saw (``text``, ``text_mask``, ``text_embed``), the caption, and the
-encoded images ``jpg_R`` (R >= B) that the distillation and growth stages train on, so those
-stages read one artifact and need no join (``read_pairs``).
+[-1, 1]. With ``dstl`` (text-to-image), each row also gets its L_dstl target: the CFG-omega teacher's
+ODE solution from a noise and omega seeded by the row's id (``dstl_noise``, ``dstl_omega``,
+``dstl_target``), so distillation runs no teacher. A pair row is keyed by ``sample_id`` and holds
+``latent``, ``latent_flip``, the text conditions the teacher saw (``text``, ``text_mask``,
+``text_embed``), the caption, and the encoded images ``jpg_R`` (R >= B) that the distillation and
+growth stages train on, so those stages read one artifact and need no join (``read_pairs``).
 
 Resume: the shard's files are processed in chunks; chunk N is written to ``pairs/NNNNN/`` and
 committed by ``chunks/NNNNN.json``, so a rerun skips finished chunks and rewrites only the
@@ -26,12 +28,14 @@ import torch
 
 from data_prep.splits import row_ids
 from genmodels.clip import TextEncoder
-from genmodels.pagoda import PagodaConfig, invert_latents, ode_sample
+from genmodels.pagoda import Guided, PagodaConfig, invert_latents, ode_sample
 from pipeline.config import check
 from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact, task_filenames
 from workflows import shard_data
 from workflows.pagoda.models import load_teacher
+
+DSTL_COLUMNS = ["dstl_noise", "dstl_omega", "dstl_target"]  # precomputed L_dstl inputs (InvertConfig.dstl)
 
 
 def read_pairs(pairs: Artifact, resolution: int):
@@ -39,6 +43,7 @@ def read_pairs(pairs: Artifact, resolution: int):
     meta = pairs.read_json("pairs.json")
     col = shard_data.image_column(meta["image_columns"], resolution)
     cols = ["sample_id", "latent", "latent_flip", col] + (["text", "text_mask", "text_embed"] if meta["text"] else [])
+    cols += DSTL_COLUMNS if meta.get("dstl") else []
 
     def prepare(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         b = dict(b)
@@ -64,20 +69,37 @@ class InvertConfig(ActorPoolConfig):
     resolutions: tuple[int, ...] = ()  # images (jpg_R) carried into the pairs; () = every stored R >= base
     files_per_chunk: int = 64  # shard files per committed chunk (the unit of resume)
     check_samples: int = 4  # per actor: forward Heun from z of its first rows must give x_B back
+    # Text-to-image L_dstl targets (Sec. 4.2), solved here once per row instead of in every distillation
+    # step: noise eps ~ N(0, 80^2 I) and omega ~ U(dstl_omega_range) drawn from (dstl_seed, sample id),
+    # target = Heun of the CFG-omega teacher from eps on the dstl_points grid (2 * (2 * points - 1)
+    # teacher passes per row). Seeded by id, so a rewritten chunk gets the same values (exactly once).
+    dstl: bool = False
+    dstl_omega_range: tuple[float, float] = (0.0, 0.0)
+    dstl_points: int = 40
+    dstl_seed: int = 0
 
     def validate(self) -> None:
         self.validate_pool()
         check([("points", self.points >= 2, "must be >= 2"),
                ("fraction", 0 < self.fraction <= 1, "expected (0, 1]"),
                ("files_per_chunk", self.files_per_chunk >= 1, "must be >= 1"),
-               ("check_samples", self.check_samples >= 0, "must be >= 0")])
+               ("check_samples", self.check_samples >= 0, "must be >= 0"),
+               ("dstl_omega_range", 0 <= self.dstl_omega_range[0] <= self.dstl_omega_range[1],
+                "expected (low, high) with 0 <= low <= high"),
+               ("dstl_points", self.dstl_points >= 2, "must be >= 2")])
+
+    def dstl_spec(self) -> dict[str, Any] | None:
+        """What the Inverter needs for the L_dstl targets (and pairs.json records), None without them."""
+        if not self.dstl:
+            return None
+        return {"omega_range": list(self.dstl_omega_range), "points": self.dstl_points, "seed": self.dstl_seed}
 
 
 class Inverter:
     """Ray Data callable class: the EMA teacher (and its text encoder) load once per actor in __init__."""
 
     def __init__(self, teacher: Artifact, points: int, carry: tuple[str, ...] = (), check: int = 0,
-                 report: Artifact | None = None):
+                 report: Artifact | None = None, dstl: dict[str, Any] | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, meta = load_teacher(teacher)
         self.teacher.to(self.device)
@@ -86,6 +108,23 @@ class Inverter:
         self.cfg = PagodaConfig(resolution=self.resolution, inversion_points=points)
         # Round-trip check on this actor's first `check` rows, reported as roundtrip/<uuid>.json in `report`.
         self.check, self.report = (check, report) if report is not None else (0, None)
+        self.dstl = dstl
+
+    @torch.no_grad()
+    def dstl_targets(self, sample_ids: np.ndarray, cond: dict) -> dict[str, torch.Tensor]:
+        """Per row: ``dstl_noise`` eps, ``dstl_omega`` and ``dstl_target`` = the CFG-omega teacher's ODE
+        solution from eps (the L_dstl target, Sec. 4.2), drawn from (seed, sample id)."""
+        spec, r, e = self.dstl, self.resolution, self.cfg.edm
+        noise, omega = [], []
+        for rid in row_ids(sample_ids):
+            g = torch.Generator().manual_seed((int(rid) + 1_000_003 * spec["seed"]) % 2**63)
+            noise.append(torch.randn(3, r, r, generator=g) * e.sigma_max)
+            omega.append(torch.rand((), generator=g))
+        lo, hi = spec["omega_range"]
+        eps = torch.stack(noise).to(self.device)
+        w = (lo + torch.stack(omega) * (hi - lo)).to(self.device)
+        target = ode_sample(Guided(self.teacher, w), eps, spec["points"], e.sigma_min, e.sigma_max, e.rho, **cond)
+        return {"dstl_noise": eps, "dstl_omega": w, "dstl_target": target.clamp(-1, 1)}
 
     @torch.no_grad()
     def roundtrip_error(self, x: torch.Tensor, z: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -101,6 +140,8 @@ class Inverter:
         cond = self.text(batch["caption"]) if self.text is not None else {}
         tcond = {k: cond[k] for k in ("text", "text_mask") if k in cond}
         z = invert_latents({"teacher": self.teacher}, {"image": x, **tcond}, self.cfg)
+        if self.dstl is not None:
+            z.update(self.dstl_targets(batch["sample_id"], tcond))
         out = {"sample_id": batch["sample_id"], "caption": batch["caption"],
                **{k: v.cpu().numpy() for k, v in {**z, **cond}.items()}, **{c: batch[c] for c in self.carry}}
         if self.check > 0:
@@ -146,7 +187,7 @@ def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) ->
                              caption_column=cfg.caption_column, fraction=cfg.fraction, paths=paths)
         return ds.map_batches(
             Inverter, fn_constructor_kwargs={"teacher": teacher, "points": cfg.points, "carry": carry,
-                                             "check": check, "report": out},
+                                             "check": check, "report": out, "dstl": cfg.dstl_spec()},
             batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
             **actor_resources(cfg))
 
@@ -167,6 +208,8 @@ def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) ->
 
     counts: dict[str, Any] = {"rows": rows, "latents": 2 * rows, "chunks": len(chunks), "chunks_skipped": skipped,
                               "invert_s": round(invert_s, 3), "teacher_evals_per_latent": 2 * (cfg.points - 1)}
+    if cfg.dstl:  # each guided evaluation is a conditional and an unconditional pass
+        counts["dstl_teacher_passes_per_row"] = 2 * (2 * cfg.dstl_points - 1)
     if rows and not skipped:  # images (each with its flip) and latents per second
         counts.update(images_per_s=round(rows / invert_s, 3), latents_per_s=round(2 * rows / invert_s, 3))
     checks = [out.read_json(n) for n in out.list(".json", subdir="roundtrip")]
@@ -176,5 +219,6 @@ def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) ->
                       roundtrip_mae_median=float(np.median(mae)),
                       roundtrip_max=float(np.max([v for c in checks for v in c["max"]])))
     out.write_json("pairs.json", {"resolution": base, "image_columns": list(carry), "text": bool(meta["text"]),
-                                  "points": cfg.points, "rows": rows, "teacher": teacher.uri})
+                                  "points": cfg.points, "rows": rows, "teacher": teacher.uri,
+                                  "dstl": cfg.dstl_spec()})
     return counts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from genmodels import clip as clip_mod
@@ -17,11 +18,13 @@ from genmodels.pagoda import (
     EDMPrecond,
     Generator,
     GeneratorConfig,
+    GrowthConfig,
     UNet,
     UNetConfig,
+    grow_2x,
 )
 from genmodels.pagoda.unet import PRESETS as NET_PRESETS
-from pipeline.store import Artifact
+from pipeline.store import Artifact, open_artifact
 from workflows.train import load_weights
 
 # Teacher presets (the teacher's ``preset`` key); the stage sets img_resolution and text_dim. "micro"
@@ -53,6 +56,51 @@ def load_one_step(art: Artifact) -> tuple[Generator, dict[str, Any]]:
     gen = Generator(UNet(unet_from_dict(meta["unet"])), GeneratorConfig(**meta["generator"]))
     gen.load_state_dict(load_weights(art, "generator"))
     return gen.eval(), meta
+
+
+def growth_from_dict(d: dict[str, Any]) -> GrowthConfig:
+    return GrowthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# The stages' model builders. fit() seeds the RNG with train.seed right before build_models
+# (workflows/train/loop.py `_build`), so `initial_model` rebuilds a stage's starting point bit for bit.
+
+
+def new_teacher(meta: dict[str, Any]) -> EDMPrecond:
+    """Stage 1's network at random init (the RNG state decides the weights)."""
+    return EDMPrecond(UNet(unet_from_dict(meta["unet"])), meta["sigma_data"])
+
+
+def distill_init(teacher: Artifact, gcfg: GeneratorConfig) -> Generator:
+    """Stage 2b's G: a full copy of the EMA teacher (Sec. 3.2); an omega embedding draws from the RNG."""
+    return Generator.from_teacher(load_teacher(teacher)[0], gcfg)
+
+
+def grow_init(parent: Artifact, gcfg: GrowthConfig) -> Generator:
+    """Stage 3's G: the parent's EMA generator plus one fresh 2x level (drawn from the RNG), Sec. 3.3."""
+    return grow_2x(load_one_step(parent)[0].train(), gcfg)
+
+
+def init_seed(art: Artifact) -> int:
+    """The seed a trained artifact's stage built its models under (train_config.json's ``seed``)."""
+    return int(art.read_json("train_config.json").get("seed", 0)) if art.exists("train_config.json") else 0
+
+
+def initial_model(art: Artifact) -> EDMPrecond | Generator:
+    """The model of a teacher, distillation or growth artifact as its stage built it before the first
+    step: the teacher's random init, the teacher copy, or the parent plus its fresh level, each under
+    the stage's seed. Evaluation shows it as each model's floor."""
+    meta = art.read_json("model_config.json")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed(art))
+        if meta["kind"] == "pagoda_teacher":
+            return new_teacher(meta).eval().requires_grad_(False)
+        if "growth" not in meta:
+            return distill_init(open_artifact(meta["teacher"]), GeneratorConfig(**meta["generator"])).eval()
+        if "parent" not in meta:
+            raise ValueError(f"{art.uri}: model_config.json names no parent generator (written before growth "
+                             "artifacts recorded it); rerun the growth stage for its initial model")
+        return grow_init(open_artifact(meta["parent"]), growth_from_dict(meta["growth"])).eval()
 
 
 class ClipImage(nn.Module):

@@ -20,7 +20,17 @@ from torch import Tensor
 
 from genmodels.clip import TextEncoder
 from genmodels.metrics.swd import swd
-from genmodels.pagoda import Generator, GeneratorConfig, GrowthConfig, grow_2x, sample_latents
+from genmodels.pagoda import (
+    EDMConfig,
+    EDMPrecond,
+    Generator,
+    GeneratorConfig,
+    GrowthConfig,
+    Guided,
+    grow_2x,
+    ode_sample,
+    sample_latents,
+)
 from pipeline.config import check
 from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact, open_artifact
@@ -64,6 +74,22 @@ def decode(gen: Generator, z: Tensor, cond: dict[str, Tensor], batch_size: int =
     for i in range(0, len(z), batch_size):
         c = {k: v[i:i + batch_size].to(dev) for k, v in cond.items() if k in ("text", "text_mask")}
         outs.append(gen(z[i:i + batch_size].to(dev), **c, **kw).float().clamp(-1, 1).cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def teacher_sample(teacher: EDMPrecond, z: Tensor, cond: dict[str, Tensor], points: int, omega: float = 0.0,
+                   batch_size: int = 64) -> Tensor:
+    """The teacher's multi-step sampler: deterministic Heun from z (sigma_max scale) on the EDM grid of
+    ``points`` (+ an Euler step to 0), CFG at ``omega``, in batches; CPU images in [-1, 1]."""
+    dev = next(teacher.parameters()).device
+    net = Guided(teacher, omega) if omega != 0 else teacher
+    e = EDMConfig()
+    outs = []
+    for i in range(0, len(z), batch_size):
+        c = {k: v[i:i + batch_size].to(dev) for k, v in cond.items() if k in ("text", "text_mask")}
+        x = ode_sample(net, z[i:i + batch_size].to(dev), points, e.sigma_min, e.sigma_max, e.rho, **c)
+        outs.append(x.float().clamp(-1, 1).cpu())
     return torch.cat(outs)
 
 

@@ -23,19 +23,17 @@ from genmodels import clip as clip_mod
 from genmodels.pagoda import (
     DiscriminatorConfig,
     EDMConfig,
-    EDMPrecond,
     Generator,
     GeneratorConfig,
     GrowthConfig,
     PagodaConfig,
     ProjectedDiscriminator,
+    ProjectedFeatures,
     TinyFeatures,
-    UNet,
     UNetConfig,
     build_timm_features,
     discriminator_loss,
     generator_loss,
-    grow_2x,
     grown_config,
     ode_sample,
     rec_discriminator_loss,
@@ -46,7 +44,15 @@ from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact, open_artifact
 from workflows import shard_data
 from workflows.pagoda.invert import read_pairs
-from workflows.pagoda.models import TEACHER_PRESETS, ClipImage, load_one_step, load_teacher, unet_from_dict
+from workflows.pagoda.models import (
+    TEACHER_PRESETS,
+    ClipImage,
+    distill_init,
+    grow_init,
+    load_teacher,
+    new_teacher,
+    unet_from_dict,
+)
 from workflows.train import OptimGroup, TrainConfig, TrainContext, TrainSpec, fit
 from workflows.train.loop import default_collate
 
@@ -77,6 +83,11 @@ class TeacherConfig:
     caption_column: str = "recaption"  # falls back to `caption` where empty
     cond_drop: float = 0.1  # condition dropout for CFG (Sec. 4.2)
     preview_points: int = 18  # Heun grid of the preview samples
+    # The teacher as a multi-step generator (family face, evaluation): Heun on an EDM grid of
+    # sample_points (2 * points - 1 evaluations) with CFG at sample_omega (D_c + omega (D_c - D_u)),
+    # which the condition dropout trained it for; 0 without text or without dropout.
+    sample_points: int = 18
+    sample_omega: float = 1.0
     text_cpus_per_actor: float = 0.25  # the Ray Data actor that encodes captions once per row
     text_gpus_per_actor: float = 0.0
     in_memory: bool = False  # keep decoded, encoded rows in Ray's object store across epochs (small data)
@@ -89,6 +100,8 @@ class TeacherConfig:
                ("text_tokens", 1 <= self.text_tokens <= 77, "expected 1-77"),
                ("cond_drop", 0 <= self.cond_drop < 1, "expected [0, 1)"),
                ("preview_points", self.preview_points >= 2, "must be >= 2"),
+               ("sample_points", self.sample_points >= 2, "must be >= 2"),
+               ("sample_omega", self.sample_omega >= 0, "must be >= 0"),
                ("text_cpus_per_actor", self.text_cpus_per_actor >= 0, "must be >= 0"),
                ("text_gpus_per_actor", self.text_gpus_per_actor >= 0, "must be >= 0"),
                ("text_cpus_per_actor", self.text_cpus_per_actor > 0 or self.text_gpus_per_actor > 0,
@@ -121,10 +134,19 @@ class DistillConfig:
     disc_pretrained: bool = True
     perceptual: tuple[str, ...] = ("tiny",)  # L_rec nets: "tiny" or timm names (deit_base..., tf_efficientnet_lite0)
     perceptual_pretrained: bool = True
+    # L_rec as the official code computes it (sony/pagoda cm/enc_dec_lib.py, pg_modules/projector.py):
+    # each net's maps through a fixed random projection (F_RandomProj; genmodels/pagoda/perceptual.py),
+    # and one random augmentation shared by G's output and the target per step. False / False: the raw
+    # backbone features without augmentation (our earlier distance).
+    perceptual_projection: bool = True
+    projection_channels: int = 64  # cout of F_RandomProj (official 64); the "tiny" net's is its own width, 8
+    rec_augment: bool = True
     omega_cond: bool = False  # text-to-image: G(z, c, omega) with L_dstl toward the CFG-omega teacher (Sec. 4.2)
     omega_range: tuple[float, float] = (0.0, 0.0)
-    w_dstl: float = 0.0
-    dstl_points: int = 40
+    adv_omega: str = "zero"  # "zero": adversarial game at omega 0 (official: no guidance in D); "shared": old
+    w_dstl: float = 0.0  # its targets come from the pairs (pagoda_invert.dstl: true)
+    dstl_online: bool = False  # True: the teacher solves the targets in every step instead (~158 passes)
+    dstl_points: int = 40  # the online solver's grid
     w_clip: float = 0.0
     flip: bool = True  # train on (flip(x), z_flip) half of the time
     in_memory: bool = False  # keep the decoded pairs in Ray's object store across epochs (small data)
@@ -135,7 +157,9 @@ class DistillConfig:
                ("lambda_layer", self.lambda_layer in ("last_block", "head"), "expected 'last_block' or 'head'"),
                ("rec_discriminator", not self.rec_discriminator or self.w_rec_adv > 0, "needs w_rec_adv > 0"),
                ("lr_d", self.lr_d > 0, "must be > 0"), ("perceptual", len(self.perceptual) >= 1, "needs a net"),
+               ("projection_channels", self.projection_channels >= 1, "must be >= 1"),
                ("omega_range", self.omega_range[0] <= self.omega_range[1], "expected (low, high)"),
+               ("adv_omega", self.adv_omega in ("zero", "shared"), "expected 'zero' or 'shared'"),
                ("omega_cond", self.omega_cond or (self.w_dstl == 0 and self.omega_range == (0.0, 0.0)),
                 "w_dstl / omega_range need omega_cond: true"),
                ("w_dstl", self.w_dstl >= 0, "must be >= 0"), ("dstl_points", self.dstl_points >= 2, "must be >= 2"),
@@ -173,10 +197,16 @@ def build_discriminator(cfg: DistillConfig, resolution: int, embed_dim: int) -> 
 
 
 def build_perceptual(cfg: DistillConfig, resolution: int) -> nn.ModuleList:
-    return nn.ModuleList(
-        TinyFeatures(size=max(32, resolution)) if name == "tiny"
-        else build_timm_features(name, FEATURE_LAYERS.get(name, (2, 5, 8, 11)), pretrained=cfg.perceptual_pretrained)
-        for name in cfg.perceptual)
+    """L_rec's frozen nets, each behind its fixed random projection (seeded by its place in the list)."""
+    nets = []
+    for i, name in enumerate(cfg.perceptual):
+        net = (TinyFeatures(size=max(32, resolution)) if name == "tiny" else
+               build_timm_features(name, FEATURE_LAYERS.get(name, (2, 5, 8, 11)), pretrained=cfg.perceptual_pretrained))
+        # The random "tiny" net stands in for a pretrained one (tests, CPU demo): its projection keeps its
+        # width, as a 64-wide one would cost more than the micro generator's own step.
+        cout = net.channels[0] if name == "tiny" else cfg.projection_channels
+        nets.append(ProjectedFeatures(net, list(net.channels), cout, seed=i) if cfg.perceptual_projection else net)
+    return nn.ModuleList(nets)
 
 
 # ------------------------------------------------------------------------------------------
@@ -199,7 +229,7 @@ def teacher_spec(cfg: TeacherConfig, unet: UNetConfig, text: dict | None) -> Tra
     r = cfg.resolution
 
     def build_models(tc: TrainConfig) -> dict[str, nn.Module]:
-        return {"teacher": EDMPrecond(UNet(unet))}
+        return {"teacher": new_teacher({"unet": dataclasses.asdict(unet), "sigma_data": 0.5})}
 
     def step(ctx: TrainContext, batch: dict[str, Any], step: int) -> dict[str, Any]:
         b = {k: batch[k] for k in ("image", "text", "text_mask") if k in batch}
@@ -221,8 +251,10 @@ def run_teacher(inputs: dict[str, Artifact], cfg: TeacherConfig, out: Artifact) 
     text = {"name": cfg.clip, "pretrained": cfg.clip_pretrained, "tokens": cfg.text_tokens} if cfg.text else None
     unet = dataclasses.replace(TEACHER_PRESETS[cfg.preset], img_resolution=cfg.resolution,
                                text_dim=clip_mod.text_dims(cfg.clip)[0] if text else 0)
+    guided = bool(text) and cfg.cond_drop > 0  # no dropout: no unconditional branch to guide with
     meta = {"kind": "pagoda_teacher", "unet": dataclasses.asdict(unet), "sigma_data": 0.5, "text": text,
-            "resolution": cfg.resolution}
+            "resolution": cfg.resolution,
+            "sampler": {"points": cfg.sample_points, "omega": cfg.sample_omega if guided else 0.0}}
     ds = shard_data.read(inputs["shard"], split=shard_data.TRAIN, resolution=cfg.resolution,
                          caption_column=cfg.caption_column)
     if text:  # encoded once per row by an actor, not in every training step
@@ -246,7 +278,8 @@ def pagoda_config(cfg: DistillConfig, resolution: int) -> PagodaConfig:
                         adaptive_max_resolution=cfg.adaptive_max_resolution, lambda_layer=cfg.lambda_layer,
                         separate_updates=cfg.separate_updates, w_rec_adv=cfg.w_rec_adv,
                         rec_discriminator=cfg.rec_discriminator, omega_range=cfg.omega_range,
-                        w_dstl=cfg.w_dstl, dstl_points=cfg.dstl_points, w_clip=cfg.w_clip)
+                        w_dstl=cfg.w_dstl, dstl_points=cfg.dstl_points, w_clip=cfg.w_clip,
+                        rec_augment=cfg.rec_augment, adv_omega=cfg.adv_omega)
 
 
 def pair_collate(flip: bool) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:
@@ -275,7 +308,7 @@ def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], bu
                   "discriminator": build_discriminator(cfg, resolution, embed_dim)}
         if cfg.rec_discriminator:
             models["rec_discriminator"] = build_discriminator(cfg, resolution, embed_dim)
-        if cfg.w_dstl > 0:
+        if cfg.w_dstl > 0 and cfg.dstl_online:  # otherwise L_dstl reads its targets from the pairs
             models["teacher"] = load_teacher(open_artifact(teacher_uri))[0]
         if cfg.w_clip > 0:
             models["clip_image"] = ClipImage(text["name"], text["pretrained"])
@@ -314,8 +347,16 @@ def generator_spec(cfg: DistillConfig, resolution: int, meta: dict[str, Any], bu
                      ema_modules=("generator",), export_modules=("generator",), collate=pair_collate(cfg.flip))
 
 
+def check_dstl(cfg: DistillConfig, pairs_meta: dict[str, Any]) -> None:
+    """L_dstl reads precomputed targets unless ``dstl_online``: the pairs must carry them."""
+    if cfg.w_dstl > 0 and not cfg.dstl_online and not pairs_meta.get("dstl"):
+        raise ValueError("w_dstl: the pairs carry no L_dstl targets; set pagoda_invert.dstl: true (with its "
+                         "dstl_omega_range) or dstl_online: true")
+
+
 def _fit_generator(cfg: DistillConfig, pairs: Artifact, resolution: int, meta: dict[str, Any],
                    build_generator: Callable[[], Generator], out: Artifact) -> dict[str, Any]:
+    check_dstl(cfg, pairs.read_json("pairs.json"))
     ds = read_pairs(pairs, resolution)
     if cfg.in_memory:
         ds = shard_data.materialized(ds)
@@ -334,7 +375,7 @@ def run_distill(inputs: dict[str, Artifact], cfg: DistillConfig, out: Artifact) 
             "generator": dataclasses.asdict(gcfg), "text": tmeta["text"], "teacher": teacher.uri,
             "resolution": tmeta["resolution"], "base_resolution": tmeta["resolution"]}
     return _fit_generator(cfg, inputs["pairs"], tmeta["resolution"], meta,
-                          lambda: Generator.from_teacher(load_teacher(teacher)[0], gcfg), out)
+                          lambda: distill_init(teacher, gcfg), out)
 
 
 def growth_config(cfg: GrowConfig) -> GrowthConfig:
@@ -352,6 +393,5 @@ def run_grow(inputs: dict[str, Artifact], cfg: GrowConfig, out: Artifact) -> dic
     gcfg = growth_config(cfg)
     unet = grown_config(unet_from_dict(prev_meta["unet"]), gcfg)
     meta = {**prev_meta, "unet": dataclasses.asdict(unet), "resolution": cfg.resolution,
-            "growth": dataclasses.asdict(gcfg)}
-    return _fit_generator(cfg, inputs["pairs"], cfg.resolution, meta,
-                          lambda: grow_2x(load_one_step(prev)[0].train(), gcfg), out)
+            "growth": dataclasses.asdict(gcfg), "parent": prev.uri}  # parent: initial_model rebuilds the init
+    return _fit_generator(cfg, inputs["pairs"], cfg.resolution, meta, lambda: grow_init(prev, gcfg), out)

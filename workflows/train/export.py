@@ -108,6 +108,32 @@ def png_grid(images: Tensor, nrow: int | None = None) -> bytes:
     return buf.getvalue()
 
 
+def captioned_grid(images: Tensor, captions: list[str], cell: int = 96, ncol: int = 8) -> bytes:
+    """NCHW images in [-1, 1], each enlarged (nearest) to ``cell`` px with its prompt written under it:
+    what a person needs to judge whether a sample shows what it was asked for."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    x = to_uint8(images)
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    text_h, pad = 40, 4
+    ncol = min(ncol, len(x))
+    rows = -(-len(x) // ncol)
+    sheet = Image.new("RGB", (ncol * (cell + pad) + pad, rows * (cell + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, cap) in enumerate(zip(x, captions)):
+        r, c = divmod(i, ncol)
+        left, top = pad + c * (cell + pad), pad + r * (cell + text_h + pad)
+        sheet.paste(Image.fromarray(img[:3].transpose(1, 2, 0)).resize((cell, cell), Image.NEAREST), (left, top))
+        lines = textwrap.wrap(cap, width=cell // 6)[:4]
+        draw.multiline_text((left, top + cell + 1), "\n".join(lines), fill=(0, 0, 0), spacing=0)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def loss_curve_png(history: list[dict[str, Any]]) -> bytes | None:
     keys = sorted({k for r in history for k in r if k.startswith("loss")})
     if not keys:

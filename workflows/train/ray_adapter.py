@@ -120,10 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        "local_shuffle_seed": cfg.seed + 1000 * epoch + rank}
         return source.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", **shuffle)
 
-    if cfg.use_gpu and not local:
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cuda", 0) if cfg.use_gpu else torch.device("cpu")
+    device = _device(cfg, local)
     checkpoints = DirCheckpoints(out, cfg.ckpt_keep, RUN_NAME) if local else RayCheckpoints()
     nodes = [ray.get_runtime_context().get_node_id()] * cfg.world_size
     if cfg.world_size > 1:  # Ray Train has set up the default (gloo or NCCL) group for the workers
@@ -131,6 +128,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     summary = loop.run(spec, cfg, out, checkpoints=checkpoints, data=data if train is not None else None,
                        extra_data=shards, model_config=config["model_config"], device=device)
     return summary if summary is None else {**summary, "nodes": len(set(nodes))}
+
+
+def _device(cfg: TrainConfig, local: bool) -> torch.device:
+    """This worker's device: its GPU when the stage asked for GPUs and CUDA works here, else the CPU.
+
+    A node may declare a ``GPU`` resource that CUDA cannot see (a misdeclared node, a CPU-only test
+    cluster): the worker then trains on the CPU and says so, instead of failing in its first CUDA
+    call. With several workers the group's backend decides for all (``_torch_config``: gloo when any
+    worker lacks CUDA), so that no worker puts CUDA tensors into a CPU group.
+    """
+    cpu = torch.device("cpu")
+    if not cfg.use_gpu:
+        return cpu
+    if not torch.cuda.is_available():
+        import ray
+
+        log.warning("train: use_gpu is set and Ray gave this worker GPU %s, but torch.cuda.is_available() "
+                    "is False: training on the CPU", "-" if local else ray.get_gpu_ids())
+        return cpu
+    if not local and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+        log.warning("train: GPUs requested and this worker sees CUDA, but another worker does not "
+                    "(process group on gloo): training on the CPU")
+        return cpu
+    if local:
+        return torch.device("cuda", 0)
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _torch_config() -> Any:
+    """Ray Train's TorchConfig with the backend chosen on the workers themselves: NCCL when GPUs are
+    requested and every worker sees CUDA, gloo otherwise. Ray's own rule
+    (``_TorchBackend.on_start`` in ray/train/torch/config.py) picks NCCL from the request alone,
+    and ProcessGroupNCCL fails ("no GPUs found") on a node whose declared GPU CUDA cannot see."""
+    import dataclasses
+
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _Backend(_TorchBackend):
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            # Ray Train has filled in "nccl" from the GPU request by now (None on older versions).
+            if backend_config.backend in (None, "nccl") and worker_group.get_resources_per_worker().get("GPU", 0) > 0:
+                cuda = worker_group.execute(_cuda_available)
+                if not all(cuda):
+                    log.warning("train: GPUs requested but %d of %d workers see no CUDA device: gloo process "
+                                "group, training on the CPU", cuda.count(False), len(cuda))
+                    backend_config = dataclasses.replace(backend_config, backend="gloo")
+            super().on_start(worker_group, backend_config)
+
+    class _TorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _Backend
+
+    return _TorchConfig()
 
 
 def train_resources(stage_cfg: Any) -> dict[str, float]:
@@ -162,7 +220,7 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=cfg.worker_resources,
                                                placement_strategy=cfg.placement_strategy),
-        run_config=run_config, datasets=datasets or None,
+        torch_config=_torch_config(), run_config=run_config, datasets=datasets or None,
         dataset_config=ray.train.DataConfig(execution_options={"train": _ingest_options(cfg)}))
     result = trainer.fit()
     summary = result.return_value

@@ -82,6 +82,13 @@ def load_trained(art: Artifact, kind: str, raw: bool = False, meta: dict[str, An
     return module.eval().requires_grad_(False)
 
 
+def initial_module(art: Artifact, kind: str) -> nn.Module:
+    """The network as its training stage built it before the first step (the loop seeds with
+    ``train_config.json``'s seed, then builds): evaluation's floor for what training learned."""
+    torch.manual_seed(int(art.read_json("train_config.json")["seed"]))
+    return build_module(kind, art.read_json("model_config.json")["modules"][kind]).eval().requires_grad_(False)
+
+
 def sem_latent_size(compressor: dict[str, Any] | CompressorConfig, image_size: int) -> tuple[int, int]:
     """The compressor's latent grid at ``image_size`` (built on the meta device: no weights)."""
     cfg = dataclasses.asdict(compressor) if isinstance(compressor, CompressorConfig) else compressor

@@ -41,7 +41,7 @@ from genmodels.wuerstchen import sample_stage_b, sample_stage_c
 from pipeline.store import Artifact, filesystem, open_artifact
 from workflows.family import Generator
 from workflows.train.export import png_grid, png_image
-from workflows.wuerstchen.models import ModelSet, TextEncoderConfig, load_trained_set, stage_c_steps
+from workflows.wuerstchen.models import ModelSet, TextEncoderConfig, initial_module, load_trained_set, stage_c_steps
 from workflows.wuerstchen.official import load_official_set
 
 ROLES = ("stage_a", "stage_b", "stage_c")  # the sample stage's inputs, and a generator's artifacts
@@ -191,10 +191,14 @@ def sample(inputs: dict[str, Artifact], cfg: SampleConfig, out: Artifact) -> dic
     return counts | {f"seconds_{k}": round(v, 3) for k, v in times.items()} | {"device": str(device_for(cfg.device))}
 
 
-def load_generator(artifacts: dict[str, Artifact], name: str = "wuerstchen") -> Generator:
+def load_generator(artifacts: dict[str, Artifact], name: str = "wuerstchen", initial: bool = False) -> Generator:
     """The family face (``workflows.family``): one image per prompt on the CPU with the default
-    sampler settings (29 Stage C steps at CFG 4, 12 Stage B steps), prompt i seeded ``seed + i``."""
+    sampler settings (29 Stage C steps at CFG 4, 12 Stage B steps), prompt i seeded ``seed + i``.
+    ``initial``: Stage C as its stage initialised it, A and B trained: the text-conditional prior is
+    where prompts enter, so this is the floor its training is read against."""
     ms = load_trained_set(*(artifacts[role] for role in ROLES))
+    if initial:
+        ms.stage_c = initial_module(artifacts["stage_c"], "stage_c")
     base = SampleConfig(n_per_prompt=1, device="cpu")
 
     def draw(prompts: list[str], seed: int) -> torch.Tensor:

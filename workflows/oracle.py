@@ -1,0 +1,128 @@
+"""Stage ``oracle``: a classifier of the ground truth, trained once on the real training images, that
+``evaluate`` uses as its judge (genmodels.metrics.oracle).
+
+Reads the shard's ``train`` rows that carry ``labels`` (the demo's shape scenes; real data has none),
+trains :class:`SceneOracle` to predict the main object's colour and shape and the background colour,
+and measures it on the ``heldout`` rows at every resolution the generators sample at (a 16 px image
+is resized up to the oracle's input, as a 16 px sample will be). Without labelled rows it writes an
+empty artifact and ``evaluate`` leaves the oracle's metrics out.
+
+Output: ``oracle.pt`` (state dict), ``oracle.json`` (classes, config, held-out accuracy per
+resolution and attribute, chance = the most frequent class's share of the held-out rows).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from genmodels.metrics.oracle import OracleConfig, SceneOracle, accuracy, fit
+from pipeline.stage import Stage
+from pipeline.store import Artifact
+from workflows import shard_data
+
+log = logging.getLogger("genmodels")
+
+ATTRIBUTES = ("colour", "shape", "background")
+
+
+@dataclass(frozen=True)
+class OracleStageConfig:
+    """resolution: the shard images it learns from; judged_at: resolutions its held-out accuracy is
+    reported at (the generators'); size/width: the network (OracleConfig); steps, batch_size, lr, seed:
+    its training."""
+
+    resolution: int = 64
+    judged_at: list[int] = field(default_factory=lambda: [16, 32, 64])
+    size: int = 32
+    width: int = 16
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"steps, batch_size, lr: must be positive, got {self.steps}, {self.batch_size}, "
+                             f"{self.lr}")
+        if self.size < 8 or self.size % 8:
+            raise ValueError(f"size: a multiple of 8 (the trunk halves it three times), got {self.size}")
+
+
+def targets(labels: list[dict[str, str]], classes: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """Class indices per attribute; -1 where the value is not among the classes (not seen in training)."""
+    index = {k: {c: i for i, c in enumerate(v)} for k, v in classes.items()}
+    return {k: torch.tensor([index[k].get(lab[k], -1) for lab in labels]) for k in classes}
+
+
+def chance(labels: list[dict[str, str]]) -> dict[str, float]:
+    """The most frequent value's share per attribute: what a judge-blind constant guess scores."""
+    if not labels:
+        return {k: float("nan") for k in ATTRIBUTES}
+    return {k: Counter(lab[k] for lab in labels).most_common(1)[0][1] / len(labels) for k in ATTRIBUTES}
+
+
+def resized(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Images as a generator at ``resolution`` would show them (area-style downsampling)."""
+    if images.shape[-1] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+
+
+def run(inputs: dict[str, Artifact], cfg: OracleStageConfig, out: Artifact) -> dict[str, Any]:
+    t0 = time.time()
+    shard = inputs["shard"]
+    x, labels, _ = shard_data.labelled(shard, cfg.resolution, shard_data.TRAIN)
+    if not labels:
+        out.write_json("oracle.json", {"labelled_train": 0})
+        log.info("[oracle] %s has no labelled rows: no oracle (evaluate leaves its metrics out)", shard.uri)
+        return {"labelled_train": 0}
+    classes = {k: sorted({lab[k] for lab in labels}) for k in ATTRIBUTES}
+    torch.manual_seed(cfg.seed)
+    model = SceneOracle({k: len(v) for k, v in classes.items()}, OracleConfig(size=cfg.size, width=cfg.width))
+    log.info("[oracle] training on %d labelled images (%s classes) for %d steps", len(labels),
+             "/".join(str(len(v)) for v in classes.values()), cfg.steps)
+    losses = fit(model, torch.from_numpy(x), targets(labels, classes), steps=cfg.steps, batch_size=cfg.batch_size,
+                 lr=cfg.lr, seed=cfg.seed, colour_blind=("shape",))
+    hx, hlabels, _ = shard_data.labelled(shard, cfg.resolution, shard_data.HELDOUT)
+    held = torch.from_numpy(hx)
+    want = targets(hlabels, classes)
+    acc: dict[str, dict[str, float]] = {}
+    for r in cfg.judged_at:
+        pred, _ = model.predict(resized(held, r))
+        acc[str(r)] = {k: accuracy(pred[k], want[k]) for k in ATTRIBUTES}
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    out.write_bytes("oracle.pt", buf.getvalue())
+    meta = {"labelled_train": len(labels), "labelled_heldout": len(hlabels), "classes": classes,
+            "network": {"size": cfg.size, "width": cfg.width}, "heldout_accuracy": acc, "chance": chance(hlabels),
+            "loss_first": losses[0], "loss_last": sum(losses[-20:]) / len(losses[-20:])}
+    out.write_json("oracle.json", meta)
+    for r, a in acc.items():
+        log.info("[oracle] held-out accuracy at %s px (%d images): %s", r, len(hlabels),
+                 ", ".join(f"{k} {v:.3f}" for k, v in a.items()))
+    return {"labelled_train": len(labels), "labelled_heldout": len(hlabels), "steps": cfg.steps,
+            "wall_s": round(time.time() - t0, 2),
+            **{f"acc_{k}_{r}": round(v, 4) for r, a in acc.items() for k, v in a.items()}}
+
+
+def load(art: Artifact) -> tuple[SceneOracle, dict[str, Any]] | None:
+    """The trained oracle and its ``oracle.json``; None when the shard had no labels."""
+    meta = art.read_json("oracle.json")
+    if not meta.get("labelled_train"):
+        return None
+    net = meta["network"]
+    model = SceneOracle({k: len(v) for k, v in meta["classes"].items()}, OracleConfig(**net))
+    state = torch.load(io.BytesIO(art.read_bytes("oracle.pt")), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False), meta
+
+
+STAGE = Stage("oracle", run, OracleStageConfig, inputs={"shard": "shard"})
