@@ -118,20 +118,36 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
 
 
 @contextlib.contextmanager
-def ray_worker_node(address: str, num_cpus: int = 2):
+def ray_worker_node(address: str, num_cpus: int = 2, attempts: int = 3, join_timeout_s: float = 180):
     """A second raylet on 127.0.0.1 joined to the head at ``address``: another Ray node, as on a
-    cluster (own temp dir and ports), stopped on exit. Yields its temp dir."""
+    cluster (own temp dir and ports), stopped on exit. Yields its temp dir.
+
+    Waits until ``ray start`` reports the node started (it has registered with the head); a start
+    that exits first (a port taken between choosing it and binding it, a registration timeout on a
+    loaded machine) is retried with fresh ports, and the last one's output is in the error."""
     import tempfile
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    cmd = [ray_bin, "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
-           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
-           f"--object-manager-port={free_port()}"]
-    proc = subprocess.Popen(cmd, env=node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True)
+    proc = None
+    for attempt in range(1, attempts + 1):
+        cmd = [ray_bin, "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
+               f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+               f"--object-manager-port={free_port()}"]
+        log = Path(temp_dir, f"ray_start_{attempt}.log")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=node_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + join_timeout_s
+        while proc.poll() is None and "Ray runtime started" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        if proc.poll() is None and "Ray runtime started" in log.read_text():
+            break
+        _stop(proc)
+        if attempt == attempts:
+            raise RuntimeError(f"worker node did not join {address} in {attempts} attempts:\n"
+                               + log.read_text()[-3000:])
     try:
         yield temp_dir
     finally:

