@@ -68,38 +68,50 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None, extra_args: tuple[
     """
     import tempfile
 
-    port, dash = port or free_port(), free_port()
+    fixed_port = port
     # Ray's socket paths must stay short (AF_UNIX limit), so keep the temp dir near /tmp.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir=temp_root or "/tmp")
     # Job entrypoints say plain `python`: it must be this interpreter (the venv's), as under test.sh.
     env = {**node_env(), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         # Own agent ports: another Ray on the machine (a demo run) must not hold ours.
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *extra_args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    dashboard = f"http://127.0.0.1:{dash}"
+    proc = None
     try:
         import urllib.request
 
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(dashboard + "/api/version", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray head did not come up") from None
-                time.sleep(1)
+        # A head that exits during start-up (a chosen port taken before Ray binds it, another
+        # Ray's processes starting beside it on a loaded machine) is started again on fresh ports.
+        for attempt in range(1, 4):
+            port, dash = fixed_port or free_port(), free_port()
+            log = Path(temp_dir, f"ray_start_head_{attempt}.log")
+            with open(log, "w") as out:
+                proc = subprocess.Popen(
+                    [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                     f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                     # Own agent ports: another Ray on the machine (a demo run) must not hold ours.
+                     f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                     *extra_args],
+                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            address = f"127.0.0.1:{port}"
+            dashboard = f"http://127.0.0.1:{dash}"
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline:
+                try:
+                    urllib.request.urlopen(dashboard + "/api/version", timeout=2).read()
+                    break
+                except OSError:
+                    time.sleep(1)
+            else:
+                _stop(proc)
+                if attempt == 3:
+                    raise RuntimeError("ray head did not come up:\n" + log.read_text()[-3000:])
+                continue
+            break
         _wait_for_job_agent(dashboard, deadline)
         yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir, "pid": proc.pid}
     finally:
-        _stop(proc)
+        if proc is not None:
+            _stop(proc)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
