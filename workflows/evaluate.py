@@ -76,22 +76,12 @@ def heldout_reals(shard: Artifact, resolution: int,
                   cfg: EvaluateConfig) -> tuple[torch.Tensor, list[str], list[dict[str, str] | None]]:
     """Held-out images at ``resolution`` in [-1, 1], their captions and their ground truth
     (``shard_data.scene_labels``; all None for real data), in a deterministic order: by id."""
-    names = shard_data.columns(shard)
-    col = shard_data.image_column(names, resolution)
-    labels = [shard_data.LABELS] if shard_data.LABELS in names else []
-    table = shard_data.read_table(shard, ["caption", *_alt(cfg), *labels, col], split=shard_data.HELDOUT)
-    table = table.sort_by("sample_id").slice(0, cfg.n_samples)
-    if table.num_rows < 2:
-        raise ValueError(f"evaluate: only {table.num_rows} held-out rows in {shard.uri}; "
+    images, truth, caps = shard_data.split_rows(shard, resolution, shard_data.HELDOUT, cfg.caption_column,
+                                                limit=cfg.n_samples)
+    if len(caps) < 2:
+        raise ValueError(f"evaluate: only {len(caps)} held-out rows in {shard.uri}; "
                          "raise stages.shard.heldout_fraction")
-    rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    caps = shard_data.captions(rows, cfg.caption_column)
-    truth = shard_data.scene_labels(rows[shard_data.LABELS]) if labels else [None] * table.num_rows
-    return torch.from_numpy(shard_data.decode(rows[col], resolution)), [str(c) for c in caps], truth
-
-
-def _alt(cfg: EvaluateConfig) -> list[str]:
-    return [cfg.caption_column] if cfg.caption_column != "caption" else []
+    return torch.from_numpy(images), caps, truth
 
 
 def score(fake: torch.Tensor, real: torch.Tensor, captions: list[str], cfg: EvaluateConfig,

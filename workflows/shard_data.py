@@ -257,17 +257,29 @@ def labelled(art: Artifact, resolution: int, split: str, caption_column: str = "
     """The rows of ``split`` that carry ground truth, in ``sample_id`` order (the first ``limit``):
     images decoded at ``resolution`` (N, 3, R, R) in [-1, 1], their graded attributes, their captions.
     Empty when the shard has no ``labels`` column (real data)."""
-    names = columns(art)
-    if LABELS not in names:
+    if LABELS not in columns(art):
         return np.zeros((0, 3, resolution, resolution), np.float32), [], []
+    return split_rows(art, resolution, split, caption_column, limit, labelled_only=True)
+
+
+def split_rows(art: Artifact, resolution: int, split: str, caption_column: str = "caption",
+               limit: int | None = None, labelled_only: bool = False
+               ) -> tuple[np.ndarray, list[dict[str, str] | None], list[str]]:
+    """The rows of ``split`` in ``sample_id`` order (the first ``limit``; with ``labelled_only``, of those
+    with ground truth): images decoded at ``resolution`` in [-1, 1], their graded attributes
+    (:func:`scene_labels`; None without), their captions (``caption_column`` with the fallback)."""
+    names = columns(art)
     col = image_column(names, resolution)
     alt = [caption_column] if caption_column != "caption" else []
-    table = read_table(art, ["caption", *alt, LABELS, col], split=split)
-    table = table.filter(pc.invert(pc.is_null(table.column(LABELS)))).sort_by("sample_id")
+    has_labels = LABELS in names
+    table = read_table(art, ["caption", *alt, *([LABELS] if has_labels else []), col], split=split)
+    if labelled_only:
+        table = table.filter(pc.invert(pc.is_null(table.column(LABELS))))
+    table = table.sort_by("sample_id")
     if limit is not None:
         table = table.slice(0, limit)
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    labels = scene_labels(rows[LABELS])
-    keep = [i for i, lab in enumerate(labels) if lab is not None]
+    labels = scene_labels(rows[LABELS]) if has_labels else [None] * table.num_rows
+    keep = [i for i, lab in enumerate(labels) if lab is not None or not labelled_only]
     caps = captions(rows, caption_column)
     return (decode(rows[col][keep], resolution), [labels[i] for i in keep], [str(caps[i]) for i in keep])
