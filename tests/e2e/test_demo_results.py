@@ -89,15 +89,18 @@ def test_samples_and_metrics(demo):
     assert all(Path(m["evaluate"]["_path"], f"grid_{name}.png").exists() for name in models)
 
 
-def test_the_oracle_judges_colour_on_real_images_and_grades_every_model(demo):
+def test_the_oracle_judges_colour_and_shape_on_real_images_and_grades_every_model(demo):
     """The demo's ground truth reaches the shard; the oracle learns the main object's colour (held-out
     accuracy at the generators' resolutions); evaluate grades every model and its initialisation against
     the prompts, beside the chance level."""
     m = demo["manifests"]
     judge = json.loads(Path(m["oracle"]["_path"], "oracle.json").read_text())
     assert judge["labelled_train"] >= 200 and judge["labelled_heldout"] >= 10
-    # ≥ 0.8 holds with margin on ~35 held-out images (0.94–1.00 measured; chance ~0.15)
-    assert all(judge["heldout_accuracy"][r]["colour"] >= 0.8 for r in ("32", "64")), judge["heldout_accuracy"]
+    # Issue 11: >= 90% on the main object's colour and shape. Measured 0.97-1.00 on the ~35 held-out
+    # images and 0.99-1.00 on 1,000 fresh scenes, seeds 0-2 (chance ~0.15); trains in 15-20 s.
+    acc = judge["heldout_accuracy"]
+    assert all(acc[r][k] >= 0.9 for r in ("32", "64") for k in ("colour", "shape", "background")), acc
+    assert judge["train_s"] <= 120, judge["train_s"]
     table = json.loads(Path(m["evaluate"]["_path"], "metrics.json").read_text())
     assert 0 < table["chance"]["colour_acc"] < 0.5
     for model in ("wuerstchen", "pagoda_teacher", "pagoda_16", "pagoda_32", "pagoda_64"):

@@ -17,7 +17,7 @@ from PIL import Image
 from data_prep.splits import heldout_mask, row_ids, subset_mask
 from genmodels import clip as clip_mod
 from genmodels.clip import TextEncoder
-from genmodels.pagoda import EDMPrecond, Generator, UNet, grow_2x, ode_sample, sample_latents
+from genmodels.pagoda import EDMPrecond, Generator, UNet, edm_loss, grow_2x, ode_sample, sample_latents
 from pipeline import config as config_mod
 from pipeline import runner
 from pipeline.config import ConfigError, build
@@ -37,6 +37,7 @@ from workflows.pagoda.stages import (
     growth_config,
     pair_collate,
     run_grow,
+    teacher_pagoda_config,
     teacher_spec,
 )
 from workflows.train import TrainConfig, export, load_weights
@@ -341,6 +342,25 @@ def _pairs(rng, n: int) -> dict:
              "latent": (80 * rng.standard_normal((n, 3, 16, 16))).astype(np.float32)}
     pairs["latent_flip"] = pairs["latent"][..., ::-1].copy()
     return pairs
+
+def test_teacher_noise_levels_come_from_the_stage_config():
+    """p_mean / p_std reach EDM's log-normal sigma draw (the demo centres it at sigma = 1); paper values
+    by default; a non-positive spread is refused by name."""
+    paper = teacher_pagoda_config(TeacherConfig()).edm
+    assert (paper.P_mean, paper.P_std, paper.cond_drop) == (-1.2, 1.2, 0.1)
+    demo = teacher_pagoda_config(TeacherConfig(p_mean=0.0, p_std=1.0, cond_drop=0.2)).edm
+    assert (demo.P_mean, demo.P_std, demo.cond_drop) == (0.0, 1.0, 0.2)
+    net = EDMPrecond(UNet(dataclasses.replace(TEACHER_PRESETS["micro"], img_resolution=8)), 0.5)
+    seen = {}
+    for name, cfg in (("paper", paper), ("demo", demo)):
+        sigmas = []
+        net.forward = lambda x, sigma, *a, _s=sigmas: (_s.append(sigma.flatten()), x)[1]
+        edm_loss(net, torch.zeros(4096, 3, 8, 8), cfg, generator=torch.Generator().manual_seed(0))
+        seen[name] = torch.cat(sigmas).log().median().item()
+    assert abs(seen["paper"] + 1.2) < 0.1 and abs(seen["demo"]) < 0.1, seen
+    with pytest.raises(ValueError, match="p_std"):
+        TeacherConfig(p_std=0.0).validate()
+
 
 def test_teacher_and_growth_specs_train_in_the_harness(store):
     rng = np.random.default_rng(0)

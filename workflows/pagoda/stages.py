@@ -82,6 +82,11 @@ class TeacherConfig:
     text_tokens: int = 32  # token states kept per caption
     caption_column: str = "recaption"  # falls back to `caption` where empty
     cond_drop: float = 0.1  # condition dropout for CFG (Sec. 4.2)
+    # EDM's training noise levels: ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022, Sec. 5; the
+    # paper's -1.2, 1.2). A short run can raise p_mean: the prompt decides the image at sigma >~ 1,
+    # where the default spends few of its steps.
+    p_mean: float = -1.2
+    p_std: float = 1.2
     preview_points: int = 18  # Heun grid of the preview samples
     # The teacher as a multi-step generator (family face, evaluation): Heun on an EDM grid of
     # sample_points (2 * points - 1 evaluations) with CFG at sample_omega (D_c + omega (D_c - D_u)),
@@ -99,6 +104,7 @@ class TeacherConfig:
                ("resolution", self.resolution >= 8 and self.resolution % 4 == 0, "must be a multiple of 4, >= 8"),
                ("text_tokens", 1 <= self.text_tokens <= 77, "expected 1-77"),
                ("cond_drop", 0 <= self.cond_drop < 1, "expected [0, 1)"),
+               ("p_std", self.p_std > 0, "must be > 0"),
                ("preview_points", self.preview_points >= 2, "must be >= 2"),
                ("sample_points", self.sample_points >= 2, "must be >= 2"),
                ("sample_omega", self.sample_omega >= 0, "must be >= 0"),
@@ -224,8 +230,14 @@ class TextColumns:
         return {**batch, "text": enc["text"].cpu().numpy(), "text_mask": enc["text_mask"].cpu().numpy()}
 
 
+def teacher_pagoda_config(cfg: TeacherConfig) -> PagodaConfig:
+    """The teacher's EDM: its noise-level distribution and condition dropout from the stage config."""
+    return PagodaConfig(resolution=cfg.resolution,
+                        edm=EDMConfig(P_mean=cfg.p_mean, P_std=cfg.p_std, cond_drop=cfg.cond_drop))
+
+
 def teacher_spec(cfg: TeacherConfig, unet: UNetConfig, text: dict | None) -> TrainSpec:
-    pcfg = PagodaConfig(resolution=cfg.resolution, edm=EDMConfig(cond_drop=cfg.cond_drop))
+    pcfg = teacher_pagoda_config(cfg)
     r = cfg.resolution
 
     def build_models(tc: TrainConfig) -> dict[str, nn.Module]:
