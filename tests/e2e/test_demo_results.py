@@ -107,3 +107,16 @@ def test_the_oracle_judges_colour_and_shape_on_real_images_and_grades_every_mode
         for row in (model, f"{model} (init)"):
             assert 0.0 <= table[row]["colour_acc"] <= 1.0 and table[row]["oracle_fd"] > 0, (row, table[row])
     assert table["pagoda_teacher"]["nfe"] > 1 == table["pagoda_16"]["nfe"]
+
+
+def test_pagoda_moves_towards_the_data_and_one_step_stays_near_its_teacher(demo):
+    """Judged by the oracle's features: the PaGoDA teacher and its base-resolution one-step generator
+    end closer to the held-out images than they started, and the generator's oracle-FD is within 1.5x
+    its teacher's at 1 NFE against 70 (issue 11's acceptance; PaGoDA's claim in miniature). Measured
+    (trained / init): teacher 353 / 618-621, generator 380-387 / 451; generator / teacher 1.08-1.10.
+    Würstchen is left out: 0.65x and 0.88x its initialisation in two runs, and its SWD once above it."""
+    table = json.loads(Path(demo["manifests"]["evaluate"]["_path"], "metrics.json").read_text())
+    fd = {row: table[row]["oracle_fd"] for row in table if "oracle_fd" in table[row]}
+    for model, margin in (("pagoda_teacher", 0.8), ("pagoda_16", 0.95)):
+        assert fd[model] < margin * fd[f"{model} (init)"], (model, fd)
+    assert fd["pagoda_16"] <= 1.5 * fd["pagoda_teacher"], fd
