@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from genmodels.metrics.oracle import OracleConfig, SceneOracle, accuracy, fit
+from genmodels.metrics.oracle import OracleConfig, SceneOracle, accuracy, fit, resize
 from pipeline.stage import Stage
 from pipeline.store import Artifact
 from workflows import shard_data
@@ -77,13 +76,6 @@ def chance(labels: list[dict[str, str]]) -> dict[str, float]:
     return {k: Counter(lab[k] for lab in labels).most_common(1)[0][1] / len(labels) for k in ATTRIBUTES}
 
 
-def resized(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Images as a generator at ``resolution`` would show them (area-style downsampling)."""
-    if images.shape[-1] == resolution:
-        return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-
-
 def run(inputs: dict[str, Artifact], cfg: OracleStageConfig, out: Artifact) -> dict[str, Any]:
     """In a Ray task of one CPU when Ray is up (torch gets one thread there and Ray schedules it like
     any other stage's work); in the driver it competed with everything the driver runs. The same
@@ -121,7 +113,7 @@ def train_and_judge(inputs: dict[str, Artifact], cfg: OracleStageConfig, out: Ar
     want = targets(hlabels, classes)
     acc: dict[str, dict[str, float]] = {}
     for r in cfg.judged_at:
-        pred, _ = model.predict(resized(held, r))
+        pred, _ = model.predict(resize(held, r))
         acc[str(r)] = {k: accuracy(pred[k], want[k]) for k in ATTRIBUTES}
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
