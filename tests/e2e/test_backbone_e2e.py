@@ -49,10 +49,11 @@ def test_runner_writes_to_s3_root(moto_s3, ray_cluster, tmp_path):  # the sessio
     boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="genmodels-test")
     root = "s3://genmodels-test/run1"
     # Every kind of writer on S3, without the whole DAG: the data stages, one training stage (Ray
-    # Train storage + DeepSpeed checkpoints) and one Ray Data encode stage.
+    # Train storage of a one-worker group + DeepSpeed checkpoints; the demo's local mode writes its
+    # checkpoints itself) and one Ray Data encode stage.
     args = ["--config", "workflows/configs/demo.yaml", f"run.root={root}", "urls.n=12", f"urls.port={free_port()}",
             "--stages", "urls,download,filter,recaption,shard,wuerstchen_stage_a,wuerstchen_encode_a",
-            "wuerstchen_stage_a.train.total_steps=20"]
+            "wuerstchen_stage_a.train.total_steps=20", "wuerstchen_stage_a.train.num_workers=1"]
     r = cli(*args)
     assert r.returncode == 0, r.stdout + r.stderr
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=moto_s3).list_objects_v2(

@@ -1,8 +1,9 @@
 """fit() through real Ray Train + Ray Data + DeepSpeed on CPU: ZeRO-2 with resume, ZeRO-3 with an
 injected worker failure, and an exact resume through a local shuffle buffer checked against the
-in-process local mode. A handful on purpose: each costs ~a minute."""
+local mode (one Ray task). A handful on purpose: each costs ~a minute."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,9 +105,9 @@ def test_a_killed_worker_resumes_exactly_through_a_shuffle_buffer(ray_cluster, t
     """As the demo's generator stages: two optimizer groups, torch/numpy/python RNG in the step and
     collate, a local shuffle buffer. The worker dies at step 17, Ray Train restarts it from the
     step-15 checkpoint, and it replays its epoch: the same rows in the same order, and the weights
-    and loss curve of an unbroken run within 1e-6. The unbroken run is local mode (cheaper): it
-    ingests the dataset as one worker does, in this process, with the same numerics (and stores its
-    checkpoints in the artifact: no Ray Train storage)."""
+    and loss curve of an unbroken run within 1e-6. The unbroken run is local mode (cheaper, and the
+    demo's mode): it ingests the dataset as one worker does, in one Ray task, with the same numerics
+    (and stores its checkpoints in the artifact: no Ray Train storage)."""
     # 25 steps an epoch: the restored run crosses into epoch 1; the checkpoint cuts a log window in two.
     # Plain PyTorch engines keep DeepSpeed's import out of the two worker processes (DeepSpeed's
     # exact restore is unit-tested in-process).
@@ -120,6 +121,9 @@ def test_a_killed_worker_resumes_exactly_through_a_shuffle_buffer(ray_cluster, t
             _cfg(num_workers=0, **cfg), out_a, {"train": synthetic.dataset(100)})
     assert s["steps"] == 30 and s["world_size"] == 1 and s["epoch"] == 1 and np.isfinite(s["final_loss"])
     assert out_a.read_json("ray_train/latest.json")["step"] == 30 and out_a.read_json("metrics.json")["steps"] == 30
+    # With Ray up, local mode trains in one Ray task (a process of its own), not in the caller.
+    pids = {r["pid"] for r in _jsonl(rec_a / "rank0.jsonl") if "pid" in r}
+    assert len(pids) == 1 and os.getpid() not in pids, pids
     out_b = Store(str(tmp_path / "b")).artifact("train", "k")
     spec = synthetic.spec(two_groups=True, record_dir=str(rec_b), fail_at_step=17, fail_flag=str(flag), fail_rank=0,
                           collate=synthetic.noisy_collate)

@@ -16,7 +16,7 @@ from pipeline.config import check
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Cluster shape. num_workers=0 runs the loop in the driver process (Ray Train local mode).
+    # Cluster shape. num_workers=0: Ray Train's local mode, one process (a Ray task when Ray is up).
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

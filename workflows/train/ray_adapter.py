@@ -203,12 +203,21 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
 
     Returns the counts for the stage manifest (steps, images, final_loss, wall_s, images_per_s, ...).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray
 
     datasets = dict(datasets or {})
     if datasets and "train" not in datasets:
         raise ValueError(f"datasets: expected a 'train' entry, got {sorted(datasets)}")
+    if cfg.num_workers == 0 and ray.is_initialized():
+        return _fit_in_task(spec, cfg, out, datasets, model_cfg_json)
+    return _fit(spec, cfg, out, datasets, model_cfg_json)
+
+
+def _fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, Any],
+         model_cfg_json: dict[str, Any] | None) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     run_config = ray.train.RunConfig(
         name=RUN_NAME, storage_path=out.path, storage_filesystem=out.fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -227,3 +236,21 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
     if summary is None:  # rank 0 always returns the summary; read it back if Ray lost it
         summary = out.read_json("metrics.json")
     return summary
+
+
+def _fit_in_task(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, Any],
+                 model_cfg_json: dict[str, Any] | None) -> dict[str, Any]:
+    """Local mode (``num_workers: 0``) in a Ray task that holds one worker's resources.
+
+    Ray Train's local mode trains in the calling process, and the runner calls stages from threads of
+    one driver (``run.parallel_stages``), where two trainings share one interpreter: 3.6x slower
+    measured. In a task, one process trains as a one-worker group would, without the group's chain
+    of actors (controller, placement-group cleaner, synchroniser, worker, dataset manager, split
+    coordinator, preemption watcher: 7 processes started one after another per stage). Measured on
+    2 cores, Stage A for 20 steps: 15-18 s against 31-32 s, the same final loss to the last digit."""
+    import ray
+
+    res = cfg.worker_resources
+    task = ray.remote(_fit).options(name="local_fit", num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
+                                    max_retries=0)
+    return ray.get(task.remote(spec, cfg, out, datasets, model_cfg_json))

@@ -3,8 +3,8 @@
 Rows are a pure function of ``row_id``, so a Ray Dataset (``dataset``) and an in-process
 numpy source (``numpy_source``) hold the same data. ``spec(two_groups=True)`` adds a small
 critic trained adversarially against the denoiser (a second optimizer group, as in PaGoDA).
-Test hooks: ``record_dir`` appends every micro-batch's ids and a parameter checksum per
-worker; ``fail_at_step`` raises once on ``fail_rank`` while ``fail_flag`` (a file) exists;
+Test hooks: ``record_dir`` appends every micro-batch's ids and, per step, a parameter checksum
+and the process id per worker; ``fail_at_step`` raises once on ``fail_rank`` while ``fail_flag`` (a file) exists;
 ``collate=noisy_collate`` draws from numpy's and python's global RNGs; ``numpy_source(...,
 shuffle_buffer=n)`` reads through a local shuffle buffer, as the Ray adapter does.
 """
@@ -138,6 +138,7 @@ def spec(channels: int = 32, two_groups: bool = False, adv_weight: float = 0.05,
             rec = {"step": step, "micro": ctx.micro, "ids": batch["row_id"].tolist()}
             if ctx.micro == 0:  # the weights every worker starts this step from
                 rec["checksum"] = param_checksum(ctx.models["denoiser"])
+                rec["pid"] = os.getpid()
             with open(os.path.join(record_dir, f"rank{ctx.rank}.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
         x = batch["image"]
