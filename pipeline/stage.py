@@ -13,10 +13,12 @@ import json
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.config import to_dict
 from pipeline.store import Artifact
+
+T = TypeVar("T")
 
 # (inputs by role, this stage's config, output artifact) -> counts for the manifest
 StageFn = Callable[[dict[str, Artifact], Any, Artifact], dict[str, Any]]
@@ -99,3 +101,16 @@ def pool_resources(cfg: ActorPoolConfig) -> dict[str, float]:
     if cfg.gpus_per_actor > 0:
         return {"GPU": cfg.gpus_per_actor * cfg.actors}
     return {"CPU": cfg.cpus_per_actor * cfg.actors}
+
+
+def in_task(fn: Callable[..., T], *args: Any, num_cpus: float, num_gpus: float = 0, **options: Any) -> T:
+    """``fn(*args)`` in one Ray task holding ``num_cpus`` / ``num_gpus`` when Ray is up, else here.
+
+    The runner calls stages from threads of one driver (``run.parallel_stages``): work done there
+    shares one interpreter with the other stage's and, in torch, the driver's threads. A task is a
+    process of its own that Ray schedules like any other work (and gives one torch thread per CPU)."""
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args)
+    return ray.get(ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, **options).remote(*args))

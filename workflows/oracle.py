@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from genmodels.metrics.oracle import OracleConfig, SceneOracle, accuracy, fit, resize
-from pipeline.stage import Stage
+from pipeline.stage import Stage, in_task
 from pipeline.store import Artifact
 from workflows import shard_data
 
@@ -81,11 +81,7 @@ def run(inputs: dict[str, Artifact], cfg: OracleStageConfig, out: Artifact) -> d
     any other stage's work); in the driver it competed with everything the driver runs. The same
     training took 345 s in the driver on a loaded machine, 13.7 s as a task on a quiet one and 56 s as
     a task beside the whole test suite."""
-    import ray
-
-    if not ray.is_initialized():
-        return train_and_judge(inputs, cfg, out)
-    return ray.get(ray.remote(num_cpus=1)(train_and_judge).remote(inputs, cfg, out))
+    return in_task(train_and_judge, inputs, cfg, out, num_cpus=1)
 
 
 def train_and_judge(inputs: dict[str, Artifact], cfg: OracleStageConfig, out: Artifact) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from genmodels.pagoda import (
     sample_latents,
 )
 from pipeline.config import check
-from pipeline.stage import ActorPoolConfig, actor_resources
+from pipeline.stage import ActorPoolConfig, actor_resources, in_task
 from pipeline.store import Artifact, open_artifact
 from workflows import shard_data
 from workflows.pagoda.models import load_one_step, load_teacher, unet_from_dict
@@ -159,8 +159,6 @@ def heldout_images(shard: Artifact, resolution: int, n: int, caption_column: str
 
 def run_sample(inputs: dict[str, Artifact], cfg: SampleConfig, out: Artifact) -> dict[str, Any]:
     """Inputs: ``shard`` (its held-out split) and any number of generators (every other role)."""
-    import ray
-
     gens = sorted((a.read_json("model_config.json")["resolution"], role, a) for role, a in inputs.items()
                   if role != "shard")
     if not gens:
@@ -169,5 +167,4 @@ def run_sample(inputs: dict[str, Artifact], cfg: SampleConfig, out: Artifact) ->
     if len(real["image"]) < 2:
         raise ValueError(f"pagoda_sample: {len(real['image'])} held-out rows, SWD needs at least 2; "
                          "raise shard.heldout_fraction")
-    task = ray.remote(**actor_resources(cfg))(sample_generators)
-    return ray.get(task.remote(gens, real, cfg, out))
+    return in_task(sample_generators, gens, real, cfg, out, **actor_resources(cfg))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.stage import in_task
 from pipeline.store import Artifact
 from workflows.train import loop
 from workflows.train.checkpoint import DirCheckpoints
@@ -203,13 +204,18 @@ def fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, An
 
     Returns the counts for the stage manifest (steps, images, final_loss, wall_s, images_per_s, ...).
     """
-    import ray
-
     datasets = dict(datasets or {})
     if datasets and "train" not in datasets:
         raise ValueError(f"datasets: expected a 'train' entry, got {sorted(datasets)}")
-    if cfg.num_workers == 0 and ray.is_initialized():
-        return _fit_in_task(spec, cfg, out, datasets, model_cfg_json)
+    if cfg.num_workers == 0:
+        # Local mode trains in the calling process: with Ray up, make that a task holding one worker's
+        # resources. In the driver, two stages' threads share one interpreter (3.6x slower, measured); a
+        # one-worker group starts 7 actor processes one after another (controller, placement-group
+        # cleaner, synchroniser, worker, dataset manager, split coordinator, preemption watcher). On 2
+        # cores, Stage A for 20 steps: 15-18 s in a task against 31-32 s, the same final loss to the digit.
+        res = cfg.worker_resources
+        return in_task(_fit, spec, cfg, out, datasets, model_cfg_json, num_cpus=res.get("CPU", 0),
+                       num_gpus=res.get("GPU", 0), name="local_fit", max_retries=0)
     return _fit(spec, cfg, out, datasets, model_cfg_json)
 
 
@@ -237,20 +243,3 @@ def _fit(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, A
         summary = out.read_json("metrics.json")
     return summary
 
-
-def _fit_in_task(spec: TrainSpec, cfg: TrainConfig, out: Artifact, datasets: dict[str, Any],
-                 model_cfg_json: dict[str, Any] | None) -> dict[str, Any]:
-    """Local mode (``num_workers: 0``) in a Ray task that holds one worker's resources.
-
-    Ray Train's local mode trains in the calling process, and the runner calls stages from threads of
-    one driver (``run.parallel_stages``), where two trainings share one interpreter: 3.6x slower
-    measured. In a task, one process trains as a one-worker group would, without the group's chain
-    of actors (controller, placement-group cleaner, synchroniser, worker, dataset manager, split
-    coordinator, preemption watcher: 7 processes started one after another per stage). Measured on
-    2 cores, Stage A for 20 steps: 15-18 s against 31-32 s, the same final loss to the last digit."""
-    import ray
-
-    res = cfg.worker_resources
-    task = ray.remote(_fit).options(name="local_fit", num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
-                                    max_retries=0)
-    return ray.get(task.remote(spec, cfg, out, datasets, model_cfg_json))
