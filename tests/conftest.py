@@ -166,17 +166,17 @@ def ray_worker_node(address: str, num_cpus: int = 2, attempts: int = 3, join_tim
         _stop(proc)
 
 
-def submit_pipeline(dashboard: str, root: Path, stages: str, *overrides: str, timeout: float,
-                    working_dir: str = str(REPO)) -> subprocess.CompletedProcess:
+def submit_pipeline(dashboard: str, root: Path | str, stages: str, *overrides: str, timeout: float,
+                    working_dir: str = str(REPO), port: int | None = None) -> subprocess.CompletedProcess:
     """``ray job submit --working-dir .`` of the demo config's ``stages`` (comma-separated) into
-    ``root``, on 24 URLs served on a free port, with ``overrides`` (``key=value``); blocks until the
+    ``root``, on 24 URLs served on ``port`` (default: a free one), with ``overrides`` (``key=value``); blocks until the
     job ends. The ``ray`` CLI runs without the session's RAY_ADDRESS (``node_env``).
     ``working_dir="local://<repo>"`` uses the checkout in place on every node (no upload)."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     return subprocess.run(
         [ray_bin, "job", "submit", "--address", dashboard, "--working-dir", working_dir, "--",
          "python", "workflows/full_pipeline.py", "--config", "workflows/configs/demo.yaml", f"run.root={root}",
-         "--stages", stages, "urls.n=24", f"urls.port={free_port()}", *overrides],
+         "--stages", stages, "urls.n=24", f"urls.port={port or free_port()}", *overrides],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, env=node_env())
 
 

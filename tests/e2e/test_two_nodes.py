@@ -1,7 +1,8 @@
-"""Two Ray nodes, one job: a head and a worker node on 127.0.0.1 (each its own raylet, temp dir
-and ports, as two machines of a cluster would be) and one ``ray job submit --working-dir .`` of
-the demo's data stages and Würstchen Stage A with one Ray Train worker per node (STRICT_SPREAD),
-so DeepSpeed's gradient all-reduce runs over gloo between the two nodes."""
+"""Two Ray nodes, one job, an S3 root: a head and a worker node on 127.0.0.1 (each its own raylet,
+temp dir and ports, as two machines of a cluster would be) and one ``ray job submit --working-dir .``
+of the demo's data stages, Würstchen Stage A with one Ray Train worker per node (STRICT_SPREAD, so
+DeepSpeed's gradient all-reduce runs over gloo between the nodes) and the Ray Data encode stage that
+reads it, all writing to a loopback moto S3 server; the same submission again runs nothing."""
 
 from __future__ import annotations
 
@@ -10,35 +11,65 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ray_head, ray_worker_node, submit_pipeline
+from tests.conftest import free_port, ray_head, ray_worker_node, submit_pipeline
 
 pytestmark = pytest.mark.slow
+BUCKET = "genmodels-test"
+STAGES = "urls,download,filter,recaption,shard,wuerstchen_stage_a,wuerstchen_encode_a"
 
 
 @pytest.mark.timeout(900)
-def test_one_job_spans_two_nodes_with_a_training_worker_on_each(tmp_path):
-    root = tmp_path / "root"  # one machine: both nodes see the same local root
+def test_one_job_spans_two_nodes_with_a_training_worker_on_each_and_writes_to_s3(moto_s3, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    s3.create_bucket(Bucket=BUCKET)
+    root = f"s3://{BUCKET}/run1"  # every node and worker reads and writes the run through S3
+    # The port is part of the URL list's key: the same one for both submissions, so the second is cached.
+    port = free_port()
+    overrides = ("wuerstchen_stage_a.train.num_workers=2",
+                 "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD", "wuerstchen_stage_a.train.zero_stage=2",
+                 "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2")
     with ray_head(num_cpus=2) as head, ray_worker_node(head["address"], num_cpus=2) as worker_tmp:
-        r = submit_pipeline(head["dashboard"], root, "urls,download,filter,recaption,shard,wuerstchen_stage_a",
-                            "wuerstchen_stage_a.train.num_workers=2",
-                            "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD",
-                            "wuerstchen_stage_a.train.zero_stage=2", "wuerstchen_stage_a.train.total_steps=10",
-                            "wuerstchen_stage_a.train.log_every=2", timeout=840)
+        r = submit_pipeline(head["dashboard"], root, STAGES, *overrides, port=port, timeout=400)
         worker_logs = list(Path(worker_tmp).glob("session_*/logs/worker-*.out"))
-    assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
-    (path,) = root.glob("wuerstchen_stage_a/*/manifest.json")
-    counts = json.loads(path.read_text())["counts"]
+        assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
+        again = submit_pipeline(head["dashboard"], root, STAGES, *overrides, port=port, timeout=200)
+    assert again.returncode == 0 and "ran 0 stage(s)" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert worker_logs, "no Ray worker process ran on the worker node"
+
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="run1/")
+            for o in page.get("Contents", [])]
+
+    def read_json(key: str) -> dict:
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+    def manifest(stage: str) -> dict:
+        (key,) = [k for k in keys if k.startswith(f"run1/{stage}/") and k.endswith("/manifest.json")]
+        return read_json(key)
+
+    # Every kind of writer on S3: img2dataset and Ray Data (data stages), Ray Train's storage and
+    # DeepSpeed's checkpoints from two workers on two nodes, a Ray Data encode stage, the run summary.
+    urls = manifest("urls")
+    assert urls["counts"]["rows"] > 12 and urls["files"] > 12 and any(k.endswith("urls.parquet") for k in keys)
+    for stage in ("shard", "wuerstchen_encode_a"):
+        assert manifest(stage)["counts"], stage
+    assert any(k.startswith("run1/wuerstchen_stage_a/") and k.endswith(".safetensors") for k in keys)
     # Two workers, each on its own node, trained in one DeepSpeed ZeRO-2 group.
+    a = manifest("wuerstchen_stage_a")
+    counts = a["counts"]
     assert counts["world_size"] == 2 and counts["nodes"] == 2, counts
     assert counts["engine"] == "deepspeed" and counts["zero_stage"] == 2 and counts["steps"] == 10
-    history = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    (history_key,) = [k for k in keys if k.startswith("run1/wuerstchen_stage_a/") and k.endswith("/metrics.jsonl")
+                      and k.count("/") == 3]  # the stage's own history, not Ray Train's per-attempt copies
+    history = [json.loads(line) for line in
+               s3.get_object(Bucket=BUCKET, Key=history_key)["Body"].read().decode().splitlines()]
     assert len(history) == 5 and all(h["loss"] == h["loss"] for h in history)  # logged, no NaN
-    assert worker_logs, "no Ray worker process ran on the worker node"
-    # One run summary, every requested stage ran, and the download funnel adds up.
-    (summary,) = root.glob("runs/*/summary.json")
-    stages = {s["stage"]: s for s in json.loads(summary.read_text())["stages"]}
-    assert {n for n, s in stages.items() if s["action"] == "run"} == {
-        "urls", "download", "filter", "recaption", "shard", "wuerstchen_stage_a"}
+    # The first run's summary: every requested stage ran, and the download funnel adds up.
+    summaries = [read_json(k) for k in keys if k.startswith("run1/runs/") and k.endswith("summary.json")]
+    (first,) = [s for s in summaries if any(st["action"] == "run" for st in s["stages"])]
+    stages = {s["stage"]: s for s in first["stages"]}
+    assert {n for n, s in stages.items() if s["action"] == "run"} == set(STAGES.split(","))
     dl = stages["download"]["counts"]
     assert dl["rows_out"] > 0 and dl["rows_in"] == dl["rows_out"] + dl["failed"]
     assert stages["shard"]["counts"]["rows_train"] > 0
