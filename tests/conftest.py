@@ -114,7 +114,7 @@ def ray_head(num_cpus: int = 4, temp_root: str | None = None, extra_args: tuple[
             _stop(proc)
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
+def _stop(proc: subprocess.Popen, grace_s: float = 3) -> None:
     """SIGTERM to ``ray start --block`` (it stops what it started); if that takes longer than
     ``grace_s`` (it can wait ~30 s on busy workers), SIGKILL its whole process group, which holds
     exactly the processes of this node (started in a session of their own)."""

@@ -116,8 +116,18 @@ def noisy_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def param_checksum(module: nn.Module) -> float:
-    """Sum of this worker's parameter values (its ZeRO-3 partition when partitioned)."""
-    return float(sum(getattr(p, "ds_tensor", p).detach().double().sum() for p in module.parameters()))
+    """Sum of this worker's parameter values: its ZeRO-3 partition when partitioned, without the
+    padding that rounds the last rank's partition up (uninitialised memory after a restore)."""
+    total = 0.0
+    for p in module.parameters():
+        part = getattr(p, "ds_tensor", None)
+        if part is None:
+            total += float(p.detach().double().sum())
+            continue
+        size = part.numel()
+        start = torch.distributed.get_rank() * size
+        total += float(part.detach().flatten()[: max(0, min(size, p.ds_numel - start))].double().sum())
+    return total
 
 
 def spec(channels: int = 32, two_groups: bool = False, adv_weight: float = 0.05, record_dir: str | None = None,
