@@ -12,15 +12,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing genmodels and its dependencies into $VENV (first time: ~2.5 min on 2 cores)"
+  echo "[setup] installing genmodels and its dependencies into $VENV (first time: ~5 min)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  # --no-compile: bytecode is written on first import, for the modules a run imports, instead of for
-  # every file of every package (measured: setup 192 -> 143 s on 2 cores).
   # torch first, pinned to the build this machine carries; a GPU cluster's image brings its own.
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    "$VENV/bin/python" -m pip install -q --no-compile "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+    "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
   fi
-  "$VENV/bin/python" -m pip install -q --no-compile -e "$REPO[dev]"
+  "$VENV/bin/python" -m pip install -q -e "$REPO[dev]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
