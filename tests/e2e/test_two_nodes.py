@@ -18,7 +18,7 @@ BUCKET = "genmodels-test"
 STAGES = "urls,download,filter,recaption,shard,wuerstchen_stage_a,wuerstchen_encode_a"
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1000)  # the two submissions' 700 + 200 s, and the cluster's start and stop
 def test_one_job_spans_two_nodes_with_a_training_worker_on_each_and_writes_to_s3(moto_s3, tmp_path):
     import boto3
 
@@ -31,7 +31,7 @@ def test_one_job_spans_two_nodes_with_a_training_worker_on_each_and_writes_to_s3
                  "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD", "wuerstchen_stage_a.train.zero_stage=2",
                  "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2")
     with ray_head(num_cpus=2) as head, ray_worker_node(head["address"], num_cpus=2) as worker_tmp:
-        r = submit_pipeline(head["dashboard"], root, STAGES, *overrides, port=port, timeout=600)
+        r = submit_pipeline(head["dashboard"], root, STAGES, *overrides, port=port, timeout=700)
         worker_logs = list(Path(worker_tmp).glob("session_*/logs/worker-*.out"))
         assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
         again = submit_pipeline(head["dashboard"], root, STAGES, *overrides, port=port, timeout=200)
