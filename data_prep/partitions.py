@@ -55,8 +55,11 @@ def pending_shards(art: Artifact, subdir: str, expected: dict[str, int]) -> list
     """Shards whose output is not complete; incomplete directories are deleted first.
 
     Complete means exactly ``expected[shard]`` rows. Anything else is the remains of an
-    interrupted write (or of an older run), which is why it is safe to delete.
+    interrupted write (or of an older run), which is why it is safe to delete; so are the temp
+    files of a write that was killed before its rename.
     """
+    if art.remove_temp(subdir):
+        log.info("[%s] removed the temp files of an interrupted write", subdir)
     have = written_rows(art, subdir)
     pending = []
     for shard, n in sorted(expected.items()):

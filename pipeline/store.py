@@ -142,6 +142,19 @@ class Artifact:
                  and not _is_temp(i.path)]
         return len(files), sum(i.size for i in files)
 
+    def remove_temp(self, subdir: str = "") -> int:
+        """Delete the temp files of atomic writes that never finished (a killed writer leaves its
+        ``<name>.tmp-<id>``, which ``list`` hides but a directory reader such as
+        ``pyarrow.dataset`` would read as data); returns how many."""
+        base = self.child(subdir) if subdir else self.path
+        if self.fs.get_file_info(base).type == pafs.FileType.NotFound:
+            return 0
+        stale = [i.path for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                 if i.type == pafs.FileType.File and _is_temp(i.path)]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
+
     def clear(self) -> None:
         """Remove everything (used by --force so that stale shards cannot survive a rerun)."""
         if self.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
