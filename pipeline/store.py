@@ -67,13 +67,17 @@ class Artifact:
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self.child(name)).type != pafs.FileType.NotFound
 
-    def list(self, suffix: str = "", subdir: str = "") -> list[str]:
-        """Names (relative to the artifact) of files ending in ``suffix``, sorted."""
+    def _files(self, subdir: str = "") -> list[pafs.FileInfo]:
+        """Every file under ``subdir`` (the whole artifact by default), temp files included."""
         base = self.child(subdir) if subdir else self.path
         if self.fs.get_file_info(base).type == pafs.FileType.NotFound:
             return []
-        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        names = [posixpath.relpath(i.path, self.path) for i in infos if i.type == pafs.FileType.File]
+        return [i for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                if i.type == pafs.FileType.File]
+
+    def list(self, suffix: str = "", subdir: str = "") -> list[str]:
+        """Names (relative to the artifact) of files ending in ``suffix``, sorted."""
+        names = [posixpath.relpath(i.path, self.path) for i in self._files(subdir)]
         return sorted(n for n in names if n.endswith(suffix) and not _is_temp(n))
 
     def read_bytes(self, name: str) -> bytes:
@@ -135,22 +139,14 @@ class Artifact:
 
     def sizes(self) -> tuple[int, int]:
         """(file count, total bytes) of the data files, the manifest excluded."""
-        if self.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
-            return 0, 0
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
-        files = [i for i in infos if i.type == pafs.FileType.File and not i.path.endswith(MANIFEST)
-                 and not _is_temp(i.path)]
+        files = [i for i in self._files() if not i.path.endswith(MANIFEST) and not _is_temp(i.path)]
         return len(files), sum(i.size for i in files)
 
     def remove_temp(self, subdir: str = "") -> int:
         """Delete the temp files of atomic writes that never finished (a killed writer leaves its
         ``<name>.tmp-<id>``, which ``list`` hides but a directory reader such as
         ``pyarrow.dataset`` would read as data); returns how many."""
-        base = self.child(subdir) if subdir else self.path
-        if self.fs.get_file_info(base).type == pafs.FileType.NotFound:
-            return 0
-        stale = [i.path for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                 if i.type == pafs.FileType.File and _is_temp(i.path)]
+        stale = [i.path for i in self._files(subdir) if _is_temp(i.path)]
         for path in stale:
             self.fs.delete_file(path)
         return len(stale)
