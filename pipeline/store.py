@@ -89,11 +89,14 @@ class Artifact:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic per file: a local write goes to a temp name then is renamed; an S3 PUT is
-        already all-or-nothing."""
+        already all-or-nothing. The temp name starts with a dot, which directory readers
+        (``pyarrow.dataset``, Ray Data) skip, so a writer killed before its rename leaves nothing
+        they read as data."""
         path = self.child(name)
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
         if is_local(self.fs):
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            head, base = posixpath.split(path)
+            tmp = posixpath.join(head, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -81,6 +81,21 @@ def test_store_atomic_write_list_and_sizes(tmp_path):
     assert art.list() == [] and art.sizes() == (0, 0)
 
 
+def test_a_write_killed_before_its_rename_leaves_nothing_a_reader_sees(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    art = Store(str(tmp_path / "s")).artifact("stage", "k")
+    monkeypatch.setattr("pipeline.store.os.replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # the writer dies between its temp file and the rename
+        art.write_parquet("rows/shard=a/part-00000.parquet", pa.table({"key": ["a0", "a1"]}))
+    monkeypatch.undo()
+    assert len(os.listdir(tmp_path / "s" / "stage" / "k" / "rows" / "shard=a")) == 1  # the temp file
+    assert art.list(subdir="rows") == [] and art.sizes() == (0, 0)
+    assert pads.dataset(art.child("rows"), format="parquet", partitioning="hive").count_rows() == 0
+    assert art.remove_temp("rows") == 1 and not os.listdir(tmp_path / "s" / "stage" / "k" / "rows" / "shard=a")
+
+
 def test_first_run_runs_all_second_run_all_cached(tmp_path):
     steps, _, store = _run(tmp_path)
     assert [s.action for s in steps] == ["run"] * 4 and CALLS == ["a", "b", "c", "d"]
