@@ -8,7 +8,8 @@ Two passes over the ``download`` artifact's tars:
    :class:`~data_prep.models.ClipScorer` (actor pool: CLIP image/text embeddings, similarity,
    aesthetic / watermark / NSFW heads) → ``scores/shard=<id>/*.parquet``. With GPU actors
    :func:`prepare` runs in CPU tasks that feed them; on CPU the actors run it themselves
-   (:class:`PreparingScorer`).
+   (:class:`PreparingScorer`), and a pass of at most ``single_task_rows`` rows runs in one Ray
+   task (:func:`data_prep.partitions.one_task_pass`: the same scorer, one file per shard).
 2. **decide**: SemDeDup-style near-duplicate removal (:mod:`data_prep.dedup`; Abbas et al.,
    2023, §3: k-means on the CLIP image embeddings, then pairwise cosine inside each cluster;
    exact duplicates by content hash ride along since identical images share a cluster) via
@@ -69,6 +70,7 @@ from data_prep import dedup, images
 from data_prep.filter_config import IMAGE_ERRORS, LAION, REASONS, FilterConfig
 from data_prep.partitions import (
     SHARDS,
+    one_task_pass,
     pending_shards,
     read_by_shard,
     read_shard_rows,
@@ -189,7 +191,7 @@ class PreparingScorer:
 
 
 def score(download: Artifact, shards: list[str], path_to_shard: dict[str, str], cfg: FilterConfig,
-          out: Artifact) -> None:
+          out: Artifact, rows: int) -> None:
     import ray  # lazy: Ray is only needed inside a running stage
 
     from data_prep.models import ClipScorer  # lazy: open_clip and torch, only in the actors
@@ -197,6 +199,10 @@ def score(download: Artifact, shards: list[str], path_to_shard: dict[str, str], 
     model = {"model": cfg.clip_model, "pretrained": cfg.clip_pretrained}
     raw = {"path_to_shard": path_to_shard, "max_pixels": cfg.max_image_pixels,
            "uniform_check": cfg.max_uniform_fraction > 0}
+    if cfg.in_one_task(rows):
+        make = functools.partial(PreparingScorer, **model, **raw, heads=cfg.heads())
+        one_task_pass(make, download, shards, path_to_shard, out, "scores", cfg.batch_size, cfg.cpus_per_actor)
+        return
     ds = read_tars(download, shards, path_to_shard)
     if cfg.gpus_per_actor > 0:
         ds = ds.map_batches(prepare, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task, batch_format="numpy",
@@ -409,8 +415,9 @@ def run(inputs: dict[str, Artifact], cfg: FilterConfig, out: Artifact) -> dict[s
     log.info("[filter] %d shards, %d rows; scoring %d shards, deciding %d", len(expected), sum(expected.values()),
              len(todo_scores), len(todo_rows))
     if todo_scores:
-        with phases("score pass (decode, CLIP)", rows=sum(expected[s] for s in todo_scores)):
-            score(download, todo_scores, path_to_shard, cfg, out)
+        rows = sum(expected[s] for s in todo_scores)
+        with phases("score pass (decode, CLIP)" + (" in one task" if cfg.in_one_task(rows) else ""), rows=rows):
+            score(download, todo_scores, path_to_shard, cfg, out, rows)
         still = pending_shards(out, "scores", expected)
         if still:
             raise RuntimeError(f"filter: scores incomplete after the pass for shards {still[:5]}")

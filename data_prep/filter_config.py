@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_prep import images
+from data_prep.partitions import TarPassConfig
 from pipeline.config import path_field
-from pipeline.stage import ActorPoolConfig
 
 REASONS = ("decode_error", "too_large", "too_small", "bad_aspect", "blank", "clip_sim", "aesthetic", "pwatermark",
            "punsafe", "caption_empty", "caption_short", "caption_long", "caption_language", "dup_exact", "dup_near")
@@ -20,7 +20,7 @@ LAION = {"clip_sim": "laion_similarity", "aesthetic": "laion_aesthetic", "pwater
 
 
 @dataclass(frozen=True)
-class FilterConfig(ActorPoolConfig):
+class FilterConfig(TarPassConfig):
     """Settings of the filter stage (``stages.filter``). Defaults are LAION-5B's paper values.
 
     clip_model / clip_pretrained: open_clip model name and pretrained tag (or checkpoint path);

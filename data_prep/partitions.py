@@ -7,7 +7,9 @@ footers); anything else is the remains of an interrupted write and is deleted an
 which makes each stage exactly-once on rerun.
 
 This module also reads the inputs those stages share: the download tars (as a Ray Data
-webdataset, plus the common columns of a raw sample) and the filter's ``shards.parquet``.
+webdataset, or streamed in one process by :func:`tar_batches`, plus the common columns of a raw
+sample) and the filter's ``shards.parquet``; and runs a model pass over a few shards in one Ray
+task (:func:`one_task_pass`), where an actor pool would cost more to start than the rows.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import download as download_mod
 from data_prep import images
+from pipeline.stage import ActorPoolConfig, in_task
 from pipeline.store import Artifact
 
 log = logging.getLogger("genmodels")
@@ -144,6 +152,90 @@ def write_shard_file(art: Artifact, subdir: str, shard: str, table: pa.Table) ->
 # ---------------------------------------------------------------------------------------------
 # The download tars
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TarPassConfig(ActorPoolConfig):
+    """A stage that runs a model over the download tars (filter, recaption).
+
+    single_task_rows: on CPU, a pass over at most this many rows runs in one Ray task (tar
+        reads, the model and the writes in one process, :func:`one_task_pass`) instead of a
+        Ray Data actor pool; 0 = always the pool. On 2 cores the pool's start (Ray Data's
+        operators, the actor processes and their imports) took 14-16 s of a demo pass whose
+        rows took 1-2 s; a thousand rows of the tiny models are ~3 s of one core.
+    """
+
+    single_task_rows: int = 1000
+
+    def validate_pool(self) -> None:
+        super().validate_pool()
+        if self.single_task_rows < 0:
+            raise ValueError(f"single_task_rows: must be >= 0, got {self.single_task_rows}")
+
+    def in_one_task(self, rows: int) -> bool:
+        return self.gpus_per_actor == 0 and self.single_task_rows > 0 and rows <= self.single_task_rows
+
+
+# A WebDataset member name: the sample key (directories included) and every extension after the
+# first dot of the file name, the split Ray Data's read_webdataset makes.
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def tar_samples(art: Artifact, path: str) -> Iterator[dict[str, Any]]:
+    """One WebDataset tar's samples, streamed, as ``read_webdataset(decoder=None,
+    include_paths=True)`` gives them: ``__key__``, ``path`` and the raw bytes per extension."""
+    sample: dict[str, Any] | None = None
+    with art.fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            match = _MEMBER.match(member.name) if member.isfile() else None
+            if not match:
+                continue
+            key, ext = match.groups()
+            if sample is not None and sample["__key__"] != key:
+                yield sample
+                sample = None
+            sample = sample or {"__key__": key, "path": path}
+            sample[ext] = tar.extractfile(member).read()
+    if sample is not None:
+        yield sample
+
+
+def tar_batches(art: Artifact, path: str, batch_size: int) -> Iterator[dict[str, list]]:
+    """:func:`tar_samples` as column batches of ``batch_size`` (None where a sample lacks a file)."""
+    buf: list[dict[str, Any]] = []
+    for sample in tar_samples(art, path):
+        buf.append(sample)
+        if len(buf) == batch_size:
+            yield {k: [s.get(k) for s in buf] for k in dict.fromkeys(k for s in buf for k in s)}
+            buf = []
+    if buf:
+        yield {k: [s.get(k) for s in buf] for k in dict.fromkeys(k for s in buf for k in s)}
+
+
+def as_table(batch: pa.Table | dict[str, np.ndarray]) -> pa.Table:
+    """A model's output batch as Arrow; object columns are strings (null where None or NaN)."""
+    if isinstance(batch, pa.Table):
+        return batch
+    return pa.table({k: pa.array(list(v), pa.string(), from_pandas=True) if v.dtype == object else pa.array(v)
+                     for k, v in batch.items()})
+
+
+def one_task_pass(make: Callable[[], Callable[[dict[str, list]], Any]], download: Artifact, shards: list[str],
+                  path_to_shard: dict[str, str], out: Artifact, subdir: str, batch_size: int,
+                  num_cpus: float) -> None:
+    """``make()``'s callable over every sample of ``shards``, in one Ray task: each shard's
+    output is one file, written atomically once the shard is done (:func:`write_shard_file`), so
+    a killed pass leaves whole shards that :func:`pending_shards` counts and skips."""
+    in_task(_one_task_pass, make, download, shards, path_to_shard, out, subdir, batch_size, num_cpus=num_cpus)
+
+
+def _one_task_pass(make, download: Artifact, shards: list[str], path_to_shard: dict[str, str], out: Artifact,
+                   subdir: str, batch_size: int) -> None:
+    fn = make()
+    paths = {s: p for p, s in path_to_shard.items()}
+    for shard in shards:
+        parts = [as_table(fn(b)) for b in tar_batches(download, paths[shard], batch_size)]
+        write_shard_file(out, subdir, shard, pa.concat_tables(parts, promote_options="default"))
 
 
 def tar_shards(download: Artifact) -> tuple[dict[str, int], dict[str, str]]:

@@ -4,8 +4,9 @@ One streaming Ray Data pass: ``read_webdataset`` over the download tars → :fun
 (keep only the filter's kept rows, decode, centre-crop to the processor's input size; CPU
 tasks in front of GPU actors, inside the actor on CPU) →
 :class:`~data_prep.models.LlavaCaptioner` (actor pool; ``gpus_per_actor`` per actor on
-GPU with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. Images are not copied: the shard
-stage joins captions back to the download tars by ``key``.
+GPU with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. On CPU, a pass of at most
+``single_task_rows`` rows runs in one Ray task instead (:func:`data_prep.partitions.one_task_pass`).
+Images are not copied: the shard stage joins captions back to the download tars by ``key``.
 
 ``model: tiny`` builds a tiny random LLaVA offline (:mod:`data_prep.tiny_llava`) once per
 machine under ``~/.cache/genmodels`` so the whole path runs for real on a CPU; any other value
@@ -38,6 +39,8 @@ import pyarrow.parquet as pq
 
 from data_prep import images, tiny_llava
 from data_prep.partitions import (
+    TarPassConfig,
+    one_task_pass,
     pending_shards,
     read_shard_rows,
     read_shards,
@@ -47,7 +50,7 @@ from data_prep.partitions import (
     write_by_shard,
 )
 from data_prep.progress import Phases
-from pipeline.stage import ActorPoolConfig, actor_resources
+from pipeline.stage import actor_resources
 from pipeline.store import Artifact
 
 log = logging.getLogger("genmodels")
@@ -56,7 +59,7 @@ LLAVA_15_PROMPT = "USER: <image>\nDescribe this image in one sentence. ASSISTANT
 
 
 @dataclass(frozen=True)
-class RecaptionConfig(ActorPoolConfig):
+class RecaptionConfig(TarPassConfig):
     """Settings of the recaption stage (``stages.recaption``).
 
     model: ``llava-hf/llava-1.5-7b-hf`` (or any LLaVA checkpoint id / local directory);
@@ -181,11 +184,28 @@ def stats_files(out: Artifact) -> list[dict[str, int]]:
         return list(pool.map(one, out.list(".parquet", subdir="rows")))
 
 
-def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dict[str, Any]:
+def caption_pass(download: Artifact, shards: list[str], cfg: RecaptionConfig, model: dict[str, Any],
+                 raw: dict[str, Any], out: Artifact) -> None:
+    """The Ray Data pass: tars → (CPU tasks in front of GPU actors, or CPU actors that prepare
+    themselves) → ``rows/``, streamed."""
     import ray  # lazy: Ray is only needed inside a running stage
 
     from data_prep.models import LlavaCaptioner  # lazy: torch and transformers, only in the actors
 
+    ds = read_tars(download, shards, raw["path_to_shard"])
+    if cfg.gpus_per_actor > 0:
+        ds = ds.map_batches(prepare, batch_format="numpy", batch_size=max(cfg.batch_size, 32),
+                            num_cpus=cfg.cpus_per_task, fn_kwargs=raw)
+        fn, kwargs = LlavaCaptioner, model
+    else:
+        fn, kwargs = PreparingCaptioner, model | raw
+    ds = ds.map_batches(fn, batch_format="numpy", batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), fn_constructor_kwargs=kwargs,
+                        **actor_resources(cfg))
+    write_by_shard(ds, out, "rows")
+
+
+def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dict[str, Any]:
     download, filt = inputs["download"], inputs["filter"]
     _, path_to_shard = tar_shards(download)
     expected = {s: v["kept"] for s, v in read_shards(filt).items()}
@@ -199,18 +219,13 @@ def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dic
         size = cfg.image_size or processor_size(cfg.model)
         model = {"model": cfg.model, "prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}
         raw = {"filt": filt, "path_to_shard": path_to_shard, "size": size, "max_pixels": cfg.max_image_pixels}
-        ds = read_tars(download, todo, path_to_shard)
-        if cfg.gpus_per_actor > 0:
-            ds = ds.map_batches(prepare, batch_format="numpy", batch_size=max(cfg.batch_size, 32),
-                                num_cpus=cfg.cpus_per_task, fn_kwargs=raw)
-            fn, kwargs = LlavaCaptioner, model
-        else:
-            fn, kwargs = PreparingCaptioner, model | raw
-        ds = ds.map_batches(fn, batch_format="numpy", batch_size=cfg.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.actors), fn_constructor_kwargs=kwargs,
-                            **actor_resources(cfg))
-        with phases("caption pass (decode, LLaVA)", rows=rows_todo):
-            write_by_shard(ds, out, "rows")
+        one = cfg.in_one_task(rows_todo)
+        with phases("caption pass (decode, LLaVA)" + (" in one task" if one else ""), rows=rows_todo):
+            if one:
+                one_task_pass(functools.partial(PreparingCaptioner, **model, **raw), download, todo, path_to_shard,
+                              out, "rows", cfg.batch_size, cfg.cpus_per_actor)
+            else:
+                caption_pass(download, todo, cfg, model, raw, out)
         still = pending_shards(out, "rows", expected)
         if still:
             raise RuntimeError(f"recaption: rows incomplete after the pass for shards {still[:5]}")

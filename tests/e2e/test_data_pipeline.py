@@ -34,9 +34,12 @@ DOWNLOAD = {"rows_per_partition": 12, "rows_per_shard": 6, "image_size": 256, "m
             "cpus_per_task": 0.5, "timeout_s": 5, "allow_networks": ["127.0.0.1/32"]}  # the site is on loopback
 # Tiny random CLIP: similarities are meaningless, so the threshold keeps everything and near-dup
 # detection only catches (almost) identical embeddings. That is configuration, not faking.
+# single_task_rows 0: the Ray Data actor pools that large runs use (a few dozen rows would otherwise
+# run in one task, which test_one_task_passes_write_what_the_actor_pools_write compares with them).
 FILTER = {"clip_model": "tiny-clip", "clip_pretrained": None, "min_clip_sim": -1.0, "min_side": 32, "batch_size": 8,
-          "near_dup_threshold": 0.9995, "min_aesthetic": 0.0}
-RECAPTION = {"model": "tiny", "max_new_tokens": 6, "batch_size": 8}
+          "near_dup_threshold": 0.9995, "min_aesthetic": 0.0, "single_task_rows": 0}
+RECAPTION = {"model": "tiny", "max_new_tokens": 6, "batch_size": 8, "single_task_rows": 0}
+TIMING = ("rows_per_s", "shards_resumed", "phase_s")  # how long, not what
 SHARD = {"resolutions": [32, 64], "rows_per_shard": 5}
 EXPECTED_REASON = {"http_404": "http_error", "corrupt_bytes": "decode_error", "truncated_jpeg": "decode_error",
                    "empty_file": "decode_error", "too_small": "too_small"}
@@ -206,9 +209,8 @@ filt.run({{"download": store.artifact("download", "a")}}, cfg, store.artifact("f
     counts, _ = _run(filt, filt.FilterConfig, {**FILTER, "aesthetic_head": heads}, {"download": downloaded[0]}, art)
     reference = filtered[0]
     assert _rows(art) == _rows(reference)  # same rows, same decisions, no duplicates, no losses
-    timing = ("rows_per_s", "shards_resumed", "phase_s")  # how long, not what
-    assert {k: v for k, v in counts.items() if k not in timing} == \
-        {k: v for k, v in filtered[1].items() if k not in timing}
+    assert {k: v for k, v in counts.items() if k not in TIMING} == \
+        {k: v for k, v in filtered[1].items() if k not in TIMING}
 
 
 # --------------------------------------------------------------------------------------------- recaption
@@ -224,6 +226,32 @@ def test_recaption_keeps_the_original_caption_beside_the_new_one(recaptioned, fi
                    zip(rec.column("caption").to_pylist(), rec.column("recaption").to_pylist())))
     assert set(got) == set(kept)
     assert all(got[k][0] == kept[k] and isinstance(got[k][1], str) for k in kept)
+
+
+def test_one_task_passes_write_what_the_actor_pools_write(downloaded, filtered, recaptioned, site, heads):
+    """Below ``single_task_rows`` (the demo) the score and caption passes run in one Ray task:
+    the same rows, decisions, scores and captions as the Ray Data actor pools, one file a shard."""
+    one = {"single_task_rows": 1000}
+    f_art = site["store"].artifact("filter", "one-task")
+    f_counts, _ = _run(filt, filt.FilterConfig, {**FILTER, **one, "aesthetic_head": heads},
+                       {"download": downloaded[0]}, f_art)
+    assert "score pass (decode, CLIP) in one task" in f_counts["phase_s"]
+    assert {k: v for k, v in f_counts.items() if k not in TIMING} == \
+        {k: v for k, v in filtered[1].items() if k not in TIMING}
+    assert _rows(f_art) == _rows(filtered[0])
+    mine, pool = (_rows(a, "scores", ("key", "clip_sim", "aesthetic")) for a in (f_art, filtered[0]))
+    assert [r[0] for r in mine] == [r[0] for r in pool]
+    assert torch.allclose(torch.tensor([r[1:] for r in mine]), torch.tensor([r[1:] for r in pool]), atol=1e-5)
+    files = f_art.list(".parquet", subdir="scores")
+    assert len(files) == len({os.path.dirname(f) for f in files}) == len(partitions.read_shards(f_art))
+
+    r_art = site["store"].artifact("recaption", "one-task")
+    r_counts, _ = _run(recaption, recaption.RecaptionConfig, {**RECAPTION, **one},
+                       {"download": downloaded[0], "filter": f_art}, r_art)
+    assert "caption pass (decode, LLaVA) in one task" in r_counts["phase_s"]
+    assert r_counts["rows_out"] == recaptioned[1]["rows_out"] > 0
+    cols = ("key", "caption", "recaption", "recaption_error")
+    assert _rows(r_art, columns=cols) == _rows(recaptioned[0], columns=cols)
 
 
 # --------------------------------------------------------------------------------------------- shard

@@ -29,7 +29,10 @@ def test_one_job_spans_two_nodes_with_a_training_worker_on_each_and_writes_to_s3
     port = free_port()
     overrides = ("wuerstchen_stage_a.train.num_workers=2",
                  "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD", "wuerstchen_stage_a.train.zero_stage=2",
-                 "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2")
+                 "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2",
+                 # the Ray Data actor pools that large runs use, across both nodes (the demo's few
+                 # hundred rows would run each pass in one task)
+                 "filter.single_task_rows=0", "recaption.single_task_rows=0")
     with ray_head(num_cpus=2) as head, ray_worker_node(head["address"], num_cpus=2) as worker_tmp:
         r = submit_pipeline(head["dashboard"], root, STAGES, *overrides, port=port, timeout=700)
         worker_logs = list(Path(worker_tmp).glob("session_*/logs/worker-*.out"))

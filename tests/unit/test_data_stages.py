@@ -258,3 +258,32 @@ def test_data_stages_table_names_inputs_by_role_and_shares_the_pool_vocabulary()
     assert by_name["recaption"].resources(r) == {"CPU": 0.5}
     assert by_name["download"].resources(build(download.DownloadConfig, {"cpus_per_task": 0.5}, "d")) == {"CPU": 0.5}
     assert by_name["shard"].resources(build(shard.ShardConfig, {}, "s")) == {"CPU": 1.0}
+
+
+def test_tar_batches_group_members_by_sample_key_as_read_webdataset_does(tmp_path):
+    import tarfile
+
+    art = Store(str(tmp_path)).artifact("download", "k")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("000.jpg", b"j0"), ("000.json", b"{}"), ("000.txt", b"a"), ("001.jpg", b"j1"),
+                           ("001.recaption.txt", b"r1"), ("d/002.jpg", b"j2"), ("noext", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    art.write_bytes("s.tar", buf.getvalue())
+    path = art.child("s.tar")
+    batches = list(partitions.tar_batches(art, path, 2))
+    assert [len(b["__key__"]) for b in batches] == [2, 1]
+    assert batches[0]["__key__"] == ["000", "001"] and batches[1]["__key__"] == ["d/002"]
+    assert batches[0]["jpg"] == [b"j0", b"j1"] and batches[0]["json"] == [b"{}", None]
+    assert batches[0]["recaption.txt"] == [None, b"r1"] and batches[1]["path"] == [path]
+
+
+def test_one_task_passes_only_on_cpu_and_under_the_row_limit():
+    cfg = filt.FilterConfig(single_task_rows=100)
+    assert cfg.in_one_task(100) and not cfg.in_one_task(101)
+    assert not filt.FilterConfig(single_task_rows=100, gpus_per_actor=1.0).in_one_task(1)
+    assert not filt.FilterConfig(single_task_rows=0).in_one_task(0)
+    with pytest.raises(ValueError, match="single_task_rows: must be >= 0"):
+        build(filt.FilterConfig, {"single_task_rows": -1}, "filter")
