@@ -161,6 +161,15 @@ def test_wasserstein_1d_unequal_sizes_matches_equal_sizes():
     assert sliced_wasserstein_distance(desc, desc.repeat(2, 1), channels=3, num_projections=16) < 1e-12
 
 
+def test_wasserstein_1d_is_the_integral_of_the_cdf_difference():
+    """The quantile form against ∫ |F_a − F_b| dx over the merged support, sizes coprime."""
+    a, b = torch.randn(37, 5, generator=gen(3), dtype=f64), 2 * torch.randn(23, 5, generator=gen(4), dtype=f64)
+    x = torch.cat([a, b]).sort(dim=0).values.T.contiguous()  # (P, N + M)
+    cdf_a = torch.searchsorted(a.sort(dim=0).values.T.contiguous(), x[:, :-1].contiguous(), right=True) / len(a)
+    cdf_b = torch.searchsorted(b.sort(dim=0).values.T.contiguous(), x[:, :-1].contiguous(), right=True) / len(b)
+    torch.testing.assert_close(wasserstein_1d(a, b), ((cdf_a - cdf_b).abs() * x.diff(dim=1)).sum(1))
+
+
 # Precision / recall / density / coverage ------------------------------------------------
 
 
