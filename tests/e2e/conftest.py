@@ -26,7 +26,9 @@ import pytest
 
 from tests.conftest import REPO, free_port, node_env, ray_head
 
-DEMO_TIMEOUT_S = 3600  # 3.0x the 1,195 s measured with the whole suite beside it (CI, 2 cores)
+# 2.4x the slowest demo measured with the whole suite beside it: 1,721 s (CI, 2 cores, 2026-12-02, a day
+# on which the same unit tests took 1.55x as long as the day before); 1,010-1,195 s on usual days.
+DEMO_TIMEOUT_S = 4200
 demo_timeout = pytest.mark.timeout(DEMO_TIMEOUT_S + 120)
 
 
