@@ -191,18 +191,19 @@ class PreparingScorer:
 
 
 def score(download: Artifact, shards: list[str], path_to_shard: dict[str, str], cfg: FilterConfig,
-          out: Artifact, rows: int) -> None:
+          out: Artifact, one_task: bool) -> None:
+    model = {"model": cfg.clip_model, "pretrained": cfg.clip_pretrained}
+    raw = {"path_to_shard": path_to_shard, "max_pixels": cfg.max_image_pixels,
+           "uniform_check": cfg.max_uniform_fraction > 0}
+    if one_task:  # before the imports below: the driver needs neither Ray Data nor the models here
+        make = functools.partial(PreparingScorer, **model, **raw, heads=cfg.heads())
+        one_task_pass(make, download, shards, path_to_shard, out, "scores", cfg.batch_size, cfg.cpus_per_actor)
+        return
+
     import ray  # lazy: Ray is only needed inside a running stage
 
     from data_prep.models import ClipScorer  # lazy: open_clip and torch, only in the actors
 
-    model = {"model": cfg.clip_model, "pretrained": cfg.clip_pretrained}
-    raw = {"path_to_shard": path_to_shard, "max_pixels": cfg.max_image_pixels,
-           "uniform_check": cfg.max_uniform_fraction > 0}
-    if cfg.in_one_task(rows):
-        make = functools.partial(PreparingScorer, **model, **raw, heads=cfg.heads())
-        one_task_pass(make, download, shards, path_to_shard, out, "scores", cfg.batch_size, cfg.cpus_per_actor)
-        return
     ds = read_tars(download, shards, path_to_shard)
     if cfg.gpus_per_actor > 0:
         ds = ds.map_batches(prepare, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task, batch_format="numpy",
@@ -416,8 +417,9 @@ def run(inputs: dict[str, Artifact], cfg: FilterConfig, out: Artifact) -> dict[s
              len(todo_scores), len(todo_rows))
     if todo_scores:
         rows = sum(expected[s] for s in todo_scores)
-        with phases("score pass (decode, CLIP)" + (" in one task" if cfg.in_one_task(rows) else ""), rows=rows):
-            score(download, todo_scores, path_to_shard, cfg, out, rows)
+        one = cfg.in_one_task(rows)
+        with phases("score pass (decode, CLIP)" + (" in one task" if one else ""), rows=rows):
+            score(download, todo_scores, path_to_shard, cfg, out, one)
         still = pending_shards(out, "scores", expected)
         if still:
             raise RuntimeError(f"filter: scores incomplete after the pass for shards {still[:5]}")

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from data_prep import tiny_llava
 from data_prep.images import clean_caption
+from data_prep.partitions import arrow_column
 from pipeline.store import filesystem
 
 # open_clip (and genmodels.clip, which imports it) and transformers are imported inside the
@@ -199,7 +200,7 @@ class ClipScorer:
         sim = (img * txt).sum(-1).cpu().numpy().astype(np.float32)
         emb = img.cpu().numpy().astype(np.float16)
         cols = {k: v for k, v in batch.items() if k != "pixels"}
-        table = pa.table({k: _column(v) for k, v in cols.items()})
+        table = pa.table({k: arrow_column(v) for k, v in cols.items()})
         table = table.append_column("clip_sim", pa.array(sim))
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
         table = table.append_column("embedding", embedding)
@@ -207,17 +208,6 @@ class ClipScorer:
             values = pa.array(self.heads[name](img)) if name in self.heads else pa.nulls(n, pa.float32())
             table = table.append_column(name, values)
         return table
-
-
-def _column(v: np.ndarray) -> pa.Array:
-    """A numpy batch column as Arrow. Object columns are strings here; one that is null in every
-    row of a batch (``labels`` when the URL list has none) reaches the actor as None or NaN
-    (Ray's numpy conversion) and must still be a string column, or shards' files would
-    disagree on its type."""
-    if v.dtype != object:
-        return pa.array(v)
-    arr = pa.array(list(v), from_pandas=True)  # NaN → null
-    return pa.nulls(len(arr), pa.string()) if arr.null_count == len(arr) else arr
 
 
 # ---------------------------------------------------------------------------------------------

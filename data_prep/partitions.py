@@ -14,6 +14,7 @@ task (:func:`one_task_pass`), where an actor pool would cost more to start than 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import posixpath
@@ -202,22 +203,25 @@ def tar_samples(art: Artifact, path: str) -> Iterator[dict[str, Any]]:
 
 def tar_batches(art: Artifact, path: str, batch_size: int) -> Iterator[dict[str, list]]:
     """:func:`tar_samples` as column batches of ``batch_size`` (None where a sample lacks a file)."""
-    buf: list[dict[str, Any]] = []
-    for sample in tar_samples(art, path):
-        buf.append(sample)
-        if len(buf) == batch_size:
-            yield {k: [s.get(k) for s in buf] for k in dict.fromkeys(k for s in buf for k in s)}
-            buf = []
-    if buf:
+    samples = tar_samples(art, path)
+    while buf := list(itertools.islice(samples, batch_size)):
         yield {k: [s.get(k) for s in buf] for k in dict.fromkeys(k for s in buf for k in s)}
 
 
+def arrow_column(v: np.ndarray) -> pa.Array:
+    """A numpy batch column as Arrow. Object columns are strings here; one that is null in every
+    row of a batch (``labels`` when the URL list has none) reaches the actor as None or NaN
+    (Ray's numpy conversion) and must still be a string column, or shards' files would
+    disagree on its type."""
+    if v.dtype != object:
+        return pa.array(v)
+    arr = pa.array(list(v), from_pandas=True)  # NaN → null
+    return pa.nulls(len(arr), pa.string()) if arr.null_count == len(arr) else arr
+
+
 def as_table(batch: pa.Table | dict[str, np.ndarray]) -> pa.Table:
-    """A model's output batch as Arrow; object columns are strings (null where None or NaN)."""
-    if isinstance(batch, pa.Table):
-        return batch
-    return pa.table({k: pa.array(list(v), pa.string(), from_pandas=True) if v.dtype == object else pa.array(v)
-                     for k, v in batch.items()})
+    """A model's output batch (a table, or numpy columns) as Arrow."""
+    return batch if isinstance(batch, pa.Table) else pa.table({k: arrow_column(v) for k, v in batch.items()})
 
 
 def one_task_pass(make: Callable[[], Callable[[dict[str, list]], Any]], download: Artifact, shards: list[str],
