@@ -103,12 +103,17 @@ class TextEncoder(torch.nn.Module):
     the pooled, projected embedding (PaGoDA's CLIP term). The text transformer is causal, so the
     first L states of a full encoding equal an encoding of L tokens; ``tokens=0`` keeps the
     whole context (77 for CLIP). ``pooled=False`` skips ``text_embed`` (a second text pass),
-    for callers that only condition on the token states (Würstchen).
+    for callers that only condition on the token states (Würstchen). ``pooled_token=True`` makes
+    ``text`` the pooled, projected embedding as one token (B, 1, D), for a network that only adds a
+    pooled text vector to its time embedding (PaGoDA's micro teacher): CLIP's contrastive objective
+    shapes that embedding (Radford et al. 2021, Sec. 2.3), while the mean of the token states is
+    dominated by what every caption shares (template words, positions).
     """
 
-    def __init__(self, name: str = TINY, pretrained: str = "", tokens: int = 0, pooled: bool = True):
+    def __init__(self, name: str = TINY, pretrained: str = "", tokens: int = 0, pooled: bool = True,
+                 pooled_token: bool = False):
         super().__init__()
-        self.tokens, self.pooled = tokens, pooled
+        self.tokens, self.pooled, self.pooled_token = tokens, pooled or pooled_token, pooled_token
         self.hf = False
         if name:  # from_hf passes "" and sets clip / tokenizer itself
             self.clip, _, self.tokenizer = build_clip(name, pretrained or None)
@@ -155,6 +160,10 @@ class TextEncoder(torch.nn.Module):
             return self._forward_hf([str(c) for c in captions], device)
         tok = self.tokenizer([str(c) for c in captions]).to(device)
         keep = self.tokens or tok.shape[1]
+        if self.pooled_token:
+            embed = encode_text_pooled(self.clip, tok).float()
+            return {"text": embed[:, None], "text_mask": torch.ones(len(tok), 1, dtype=torch.bool, device=device),
+                    "text_embed": embed}
         out = {"text": encode_text_tokens(self.clip, tok)[:, :keep].float(), "text_mask": tok[:, :keep] != 0}
         if self.pooled:
             out["text_embed"] = encode_text_pooled(self.clip, tok).float()
@@ -167,3 +176,20 @@ def text_dims(name: str) -> tuple[int, int]:
     if cfg is None:
         raise ValueError(f"unknown open_clip model {name!r}")
     return int(cfg["text_cfg"]["width"]), int(cfg["embed_dim"])
+
+
+def contrastive_loss(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor,
+                     tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3): cross-entropy of the scaled cosine
+    similarities over images per caption and over captions per image, on L2-normalised embeddings.
+
+    ``tokens`` (B, L): rows with the same caption are each other's positives (the target spreads
+    evenly over them), as small datasets repeat captions within a batch; None: the diagonal only.
+    """
+    logits = logit_scale.exp() * image_embed @ text_embed.T
+    if tokens is None:
+        target = torch.eye(len(logits), device=logits.device)
+    else:
+        target = (tokens[:, None, :] == tokens[None, :, :]).all(-1).float()
+        target = target / target.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2

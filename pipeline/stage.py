@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
@@ -113,4 +114,19 @@ def in_task(fn: Callable[..., T], *args: Any, num_cpus: float, num_gpus: float =
 
     if not ray.is_initialized():
         return fn(*args)
-    return ray.get(ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, **options).remote(*args))
+    options = {"name": getattr(fn, "__name__", "stage"), **options}  # the task's name in Ray's dashboard
+    remote = ray.remote(_logging).options(num_cpus=num_cpus, num_gpus=num_gpus, **options)
+    return ray.get(remote.remote(fn, *args))
+
+
+def _logging(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with the stage's progress lines (logger ``genmodels``, INFO) on stderr, which Ray
+    forwards to the driver: a worker process starts at Python's default level, WARNING, and drops them."""
+    log = logging.getLogger("genmodels")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return fn(*args)

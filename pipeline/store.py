@@ -9,9 +9,12 @@ rerun overwrites instead of duplicating.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -167,6 +170,23 @@ def open_artifact(uri: str) -> Artifact:
     if art.exists(MANIFEST):
         art.manifest = art.read_json(MANIFEST)
     return art
+
+
+def local_file(uri: str) -> str:
+    """A path on this machine holding the file at ``uri``: the path itself when local; a remote file is
+    downloaded once per machine into the temp directory (libraries such as open_clip open paths only)."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return path
+    cache = os.path.join(tempfile.gettempdir(), "genmodels-files", hashlib.sha1(uri.encode()).hexdigest()[:16])
+    target = os.path.join(cache, posixpath.basename(path))
+    if not os.path.exists(target):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    return target
 
 
 def task_filenames():

@@ -7,7 +7,8 @@ seed; the result is compared with the held-out real images at the generator's re
 shard stage decided the split, so no training stage saw them). Metrics: SWD on patches always
 (needs no weights); Fréchet distance and k-NN precision/recall on a pluggable feature network
 (``features``: ``tiny`` random convs offline, ``inception`` for FID, ``dinov2`` for FD-DINOv2
-where weights exist); CLIP score with the configured open_clip model. Where the data carry ground
+where weights exist); CLIP score with the configured open_clip model (the ``clip`` stage's weights
+when it trained that model). Where the data carry ground
 truth (the demo), the ``oracle`` stage's classifier grades prompt following (``colour_acc``,
 ``shape_acc``, ``background_acc``: the predicted attribute against the prompt's) and gives
 ``oracle_fd``; the table adds the chance level and the oracle's own accuracy on real held-out images.
@@ -39,7 +40,7 @@ from genmodels.metrics import (
 from genmodels.metrics.oracle import accuracy
 from pipeline.stage import Stage
 from pipeline.store import Artifact
-from workflows import oracle, pagoda, report, shard_data, wuerstchen
+from workflows import oracle, pagoda, report, shard_data, text_clip, wuerstchen
 from workflows.train import export
 
 FAMILIES = (wuerstchen, pagoda)
@@ -141,7 +142,7 @@ def generator_inputs(generators: dict[str, dict[str, str]] | None = None) -> dic
     ``GENERATORS``)."""
     if generators is None:
         generators = {m: needs for fam in FAMILIES for m, needs in fam.GENERATORS.items()}
-    roles = {"shard": "shard", "oracle": "oracle"}
+    roles = {"shard": "shard", "oracle": "oracle", "clip": "clip"}
     for model, needs in generators.items():
         roles.update({f"{model}.{role}": stage for role, stage in needs.items()})
     return roles
@@ -174,8 +175,9 @@ def run(inputs: dict[str, Artifact], cfg: EvaluateConfig, out: Artifact) -> dict
     feats = build_features(cfg)
     clip = None
     if "clip_score" in cfg.metrics:
-        model, _, tokenizer = clip_mod.build_clip(cfg.clip_model, cfg.clip_pretrained)
-        clip = (model, tokenizer)
+        model = text_clip.clip_model(cfg.clip_model, text_clip.weights(inputs.get("clip"), cfg.clip_model,
+                                                                       cfg.clip_pretrained))
+        clip = (model, clip_mod.open_clip_lib().get_tokenizer(cfg.clip_model))
     table: dict[str, dict[str, float]] = {}
     judge = oracle.load(inputs["oracle"]) if "oracle" in inputs else None
     reals: dict[int, tuple[torch.Tensor, list[str], list[dict[str, str] | None]]] = {}

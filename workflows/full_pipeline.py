@@ -31,13 +31,14 @@ from pipeline import config as config_mod  # noqa: E402
 from pipeline import runner  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
 from pipeline.store import Store  # noqa: E402
-from workflows import evaluate, oracle, pagoda, report, wuerstchen  # noqa: E402
+from workflows import evaluate, oracle, pagoda, report, text_clip, wuerstchen  # noqa: E402
 
 log = logging.getLogger("genmodels")
 
 # The table of contents. Each family owns its rows (inputs named by role); evaluate reads every
 # family's generators through the same face (workflows/family.py).
-STAGES: list[Stage] = [*data_stages.STAGES, *wuerstchen.STAGES, *pagoda.STAGES, oracle.STAGE, evaluate.STAGE]
+STAGES: list[Stage] = [*data_stages.STAGES, text_clip.STAGE, *wuerstchen.STAGES, *pagoda.STAGES, oracle.STAGE,
+                       evaluate.STAGE]
 
 
 def stage_table(sections: Mapping[str, Any]) -> list[Stage]:
@@ -47,7 +48,7 @@ def stage_table(sections: Mapping[str, Any]) -> list[Stage]:
     if [s.name for s in rows] == [s.name for s in pagoda.STAGES]:
         return STAGES
     gens = {**wuerstchen.GENERATORS, **pagoda.generators(rows, pagoda.base_resolution(sections))}
-    return [*data_stages.STAGES, *wuerstchen.STAGES, *rows, oracle.STAGE,
+    return [*data_stages.STAGES, text_clip.STAGE, *wuerstchen.STAGES, *rows, oracle.STAGE,
             dataclasses.replace(evaluate.STAGE, inputs=evaluate.generator_inputs(gens))]
 
 

@@ -25,7 +25,7 @@ from pipeline.stage import Stage
 from pipeline.store import Store
 from tests.conftest import REPO
 from tests.unit.test_pagoda_stages import make_fake_shard
-from workflows import pagoda, shard_data
+from workflows import pagoda, shard_data, text_clip
 from workflows.pagoda.control import main as control_main
 from workflows.train.export import read_history
 
@@ -45,7 +45,7 @@ def fake_shard(inputs, cfg: FakeShardConfig, out):
 
 
 # PaGoDA's own rows, fed by a fake shard, with the demo's PaGoDA sections (workflows/configs/demo.yaml).
-STAGES = [Stage("shard", fake_shard, FakeShardConfig), *pagoda.STAGES]
+STAGES = [Stage("shard", fake_shard, FakeShardConfig), text_clip.STAGE, *pagoda.STAGES]
 TRAINING = tuple(stage for g in pagoda.GENERATORS.values() for stage in g.values())  # teacher first
 DEMO_STAGES = {k: v for k, v in yaml.safe_load((REPO / "workflows/configs/demo.yaml").read_text())["stages"].items()
                if k.startswith("pagoda_")}
@@ -57,7 +57,7 @@ def test_pagoda_stages_smoke(ray_cluster, tmp_path):
     path.write_text(yaml.safe_dump({"stages": DEMO_STAGES}))
     overrides = [f"{s}.train.{k}={v}" for s in TRAINING for k, v in
                  (("total_steps", STEPS), ("log_every", 5), ("shuffle_buffer", 0))]
-    overrides += ["pagoda_sample.n=8", "pagoda_sample.swd_projections=64"]
+    overrides += ["pagoda_sample.n=8", "pagoda_sample.swd_projections=64", "clip.steps=10"]
     cfg = config_mod.load(str(path), overrides, {s.name: s.config for s in STAGES})
     assert cfg.stages["pagoda_teacher"].train.batch_size == 16  # nested train keys merge with the YAML
     assert all(cfg.stages[s].train.total_steps <= STEPS for s in TRAINING)

@@ -15,7 +15,7 @@ from tests.conftest import free_port, ray_head, ray_worker_node, submit_pipeline
 
 pytestmark = pytest.mark.slow
 BUCKET = "genmodels-test"
-STAGES = "urls,download,filter,recaption,shard,wuerstchen_stage_a,wuerstchen_encode_a"
+STAGES = "urls,download,filter,recaption,shard,clip,wuerstchen_stage_a,wuerstchen_encode_a"
 
 
 # The two submissions' 1500 + 400 s and the cluster's start and stop: the test took 607-754 s in CI on a
@@ -34,7 +34,9 @@ def test_one_job_spans_two_nodes_with_a_training_worker_on_each_and_writes_to_s3
                  "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2",
                  # the Ray Data actor pools that large runs use, across both nodes (the demo's few
                  # hundred rows would run each pass in one task)
-                 "filter.single_task_rows=0", "recaption.single_task_rows=0")
+                 "filter.single_task_rows=0", "recaption.single_task_rows=0",
+                 # a few contrastive steps: the encode actors on both nodes load its checkpoint from S3
+                 "clip.steps=5", "clip.batch_size=8")
     with ray_head(num_cpus=2) as head, ray_worker_node(head["address"], num_cpus=2) as worker_tmp:
         r = submit_pipeline(head["dashboard"], root, STAGES, *overrides, port=port, timeout=1500)
         worker_logs = list(Path(worker_tmp).glob("session_*/logs/worker-*.out"))
@@ -59,6 +61,9 @@ def test_one_job_spans_two_nodes_with_a_training_worker_on_each_and_writes_to_s3
     assert urls["counts"]["rows"] > 12 and urls["files"] > 12 and any(k.endswith("urls.parquet") for k in keys)
     for stage in ("shard", "wuerstchen_encode_a"):
         assert manifest(stage)["counts"], stage
+    (encode_info,) = [read_json(k) for k in keys
+                      if k.startswith("run1/wuerstchen_encode_a/") and k.endswith("/info.json")]
+    assert encode_info["text_encoder"]["pretrained"].startswith(f"s3://{BUCKET}/run1/clip/"), encode_info
     assert any(k.startswith("run1/wuerstchen_stage_a/") and k.endswith(".safetensors") for k in keys)
     # Two workers, each on its own node, trained in one DeepSpeed ZeRO-2 group.
     a = manifest("wuerstchen_stage_a")

@@ -17,7 +17,7 @@ from pipeline.config import PipelineConfig, RayConfig, RunConfig
 from pipeline.stage import Stage
 from pipeline.store import Artifact, Store
 from tests.fakes import write_fake_shard
-from workflows import shard_data, wuerstchen
+from workflows import shard_data, text_clip, wuerstchen
 from workflows.train import TrainConfig
 from workflows.train.export import read_history
 from workflows.wuerstchen import encode, stages
@@ -47,6 +47,7 @@ def _train(**kw) -> TrainConfig:
 def _configs(n: int):
     return {
         "shard": FakeShardConfig(n=n),
+        "clip": text_clip.ClipConfig(steps=0),  # random text encoders (the demo trains its CLIP)
         "wuerstchen_stage_a": stages.StageATrainConfig(resolution=32, in_memory=True, train=_train()),
         "wuerstchen_encode_a": encode.EncodeAConfig(resolution=64, batch_size=32),
         "wuerstchen_stage_b": stages.StageBTrainConfig(in_memory=True, train=_train(), preview_steps=4),
@@ -64,11 +65,11 @@ def _losses(art: Artifact) -> list[float]:
 @pytest.mark.timeout(900)
 def test_six_stages_train_encode_and_sample(ray_cluster, tmp_path):
     n = 64
-    table = [Stage("shard", _shard_stage, FakeShardConfig)] + wuerstchen.STAGES
+    table = [Stage("shard", _shard_stage, FakeShardConfig), text_clip.STAGE] + wuerstchen.STAGES
     cfg = PipelineConfig(run=RunConfig(root=str(tmp_path / "root")), ray=RayConfig(), stages=_configs(n))
     store = Store(cfg.run.root)
     steps = runner.plan(table, cfg, store)
-    assert [s.action for s in steps] == ["run"] * 7
+    assert [s.action for s in steps] == ["run"] * 8
     summary = runner.execute(steps, cfg, store, "run1")
     arts = {s.stage.name: s.artifact for s in steps}
     walls = {r["stage"]: r["wall_s"] for r in summary["stages"]}

@@ -10,12 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from genmodels.pagoda import UNet
+from genmodels.clip import TextEncoder
+from genmodels.pagoda import Generator, GeneratorConfig, UNet, sample_latents
 from pipeline.store import Artifact, Store
 from tests.unit.test_pagoda_stages import tiny_generator_artifact, tiny_teacher_artifact
 from workflows import evaluate, pagoda, wuerstchen
 from workflows.pagoda import stages as stages_mod
 from workflows.pagoda.models import initial_model, load_one_step, load_teacher
+from workflows.pagoda.sample import decode
 from workflows.pagoda.stages import DistillConfig, GrowConfig, TeacherConfig, run_distill, run_grow, run_teacher
 from workflows.train import export
 from workflows.train.checkpoint import seed_all
@@ -136,6 +138,36 @@ def test_teacher_stage_records_the_sampler_and_guides_only_with_dropout(store, m
         cfg = TeacherConfig(preset="micro", text=text, cond_drop=drop, sample_points=9, sample_omega=2.5)
         run_teacher({"shard": None}, cfg, store.artifact("t", "k"))
         assert seen["args"][4]["sampler"] == {"points": 9, "omega": want}
+
+
+def test_pooled_text_teacher_conditions_on_one_token_of_clips_embedding_width(store, monkeypatch):
+    monkeypatch.setattr(stages_mod.shard_data, "read", lambda *a, **k: _Rows())
+    seen = _capture(monkeypatch, "fit")
+    run_teacher({"shard": None}, TeacherConfig(preset="micro", text_pooled=True), store.artifact("t", "k"))
+    meta = seen["args"][4]
+    assert meta["text"]["pooled_token"] is True and meta["unet"]["text_dim"] == 64  # tiny-clip embed_dim
+    run_teacher({"shard": None}, TeacherConfig(preset="micro"), store.artifact("t", "k2"))
+    assert "pooled_token" not in seen["args"][4]["text"]
+
+
+def test_cfg_generator_face_samples_at_its_recorded_omega(store):
+    """A G(z, c, omega) (Sec. 4.2) is sampled at model_config's ``sampler`` omega, not at 0."""
+    tart = _teacher_art(store, 1.0, 4)
+    teacher, tmeta = load_teacher(tart)
+    gen = Generator.from_teacher(teacher, GeneratorConfig(omega_cond=True))
+    meta = {"kind": "pagoda_generator", "unet": dataclasses.asdict(gen.net.cfg),
+            "generator": dataclasses.asdict(gen.cfg), "text": tmeta["text"], "teacher": tart.uri,
+            "resolution": 16, "base_resolution": 16}
+    faces = {}
+    for omega in (0.0, 2.0):
+        art = store.artifact("pagoda_distill", f"w{omega}")
+        _export(art, "generator", _perturbed(gen, 1), meta | {"sampler": {"omega": omega}}, seed=0)
+        faces[omega] = pagoda.load_generator({"generator": art}).sample(PROMPTS, 5)
+    g, _ = load_one_step(art)
+    cond = TextEncoder(**tmeta["text"])(PROMPTS)
+    z = sample_latents((3, 3, 16, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(faces[2.0], decode(g, z, cond, omega=2.0), atol=1e-6)
+    assert (faces[2.0] - faces[0.0]).abs().mean() > 1e-4
 
 
 # ------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_configs_validate_with_the_key_named():
 
 def test_stage_rows_name_their_inputs_by_role():
     rows = {s.name: s for s in pagoda.STAGES}
-    assert rows["pagoda_teacher"].inputs == {"shard": "shard"}
+    assert rows["pagoda_teacher"].inputs == {"shard": "shard", "clip": "clip"}
     assert rows["pagoda_invert"].inputs == {"shard": "shard", "teacher": "pagoda_teacher"}
     assert rows["pagoda_distill"].inputs == {"pairs": "pagoda_invert", "teacher": "pagoda_teacher"}
     assert rows["pagoda_grow_32"].inputs == {"pairs": "pagoda_invert", "generator": "pagoda_distill"}
@@ -148,11 +148,11 @@ class _NoConfig:
 def test_a_third_growth_row_plans_and_is_sampled(tmp_path):
     """Growing to 128 px is one row plus its config section: it plans (dry run, no Ray), becomes a
     generator, and the sample stage reads it."""
-    stages = [Stage("shard", lambda inputs, cfg, out: {}, _NoConfig),
+    stages = [*(Stage(name, lambda inputs, cfg, out: {}, _NoConfig) for name in ("shard", "clip")),
               *pagoda.family_table([*pagoda.GROWTH, pagoda.grow_stage(128, after="pagoda_grow_64")])]
     cfg = config_mod.load(None, ["pagoda_grow_128.resolution=128"], {s.name: s.config for s in stages})
     steps = {st.stage.name: st for st in runner.plan(stages, cfg, Store(str(tmp_path / "root")))}
-    assert list(steps) == ["shard", "pagoda_teacher", "pagoda_invert", "pagoda_distill", "pagoda_grow_32",
+    assert list(steps) == ["shard", "clip", "pagoda_teacher", "pagoda_invert", "pagoda_distill", "pagoda_grow_32",
                            "pagoda_grow_64", "pagoda_grow_128", "pagoda_sample"]
     assert all(st.action == "run" for st in steps.values())
     grow = steps["pagoda_grow_128"].stage
@@ -161,7 +161,7 @@ def test_a_third_growth_row_plans_and_is_sampled(tmp_path):
     assert pagoda.generators(stages)["pagoda_128"] == {"generator": "pagoda_grow_128"}
     assert steps["pagoda_sample"].stage.inputs["pagoda_128"] == "pagoda_grow_128"
     # The new row's key moves the sample stage's key; the rows above it keep theirs.
-    base = {st.stage.name: st for st in runner.plan([stages[0], *pagoda.STAGES], cfg, Store(str(tmp_path / "b")))}
+    base = {st.stage.name: st for st in runner.plan([*stages[:2], *pagoda.STAGES], cfg, Store(str(tmp_path / "b")))}
     assert base["pagoda_grow_64"].key == steps["pagoda_grow_64"].key
     assert base["pagoda_sample"].key != steps["pagoda_sample"].key
 

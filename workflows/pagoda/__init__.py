@@ -1,7 +1,7 @@
 """PaGoDA (arXiv 2405.14822): a low-resolution teacher, its PF-ODE inversion, a one-step generator
 distilled from the pairs, then grown 2x at a time. The family's rows of the stage table:
 
-    pagoda_teacher   shard: shard                          EDM teacher on x_B (Sec. 3.1; stages.py)
+    pagoda_teacher   shard: shard, clip: clip              EDM teacher on x_B (Sec. 3.1; stages.py)
     pagoda_invert    shard: shard, teacher: pagoda_teacher z = inv(x_B), inv(flip(x_B)) per id (Sec. 3.2; invert.py)
     pagoda_distill   pairs: pagoda_invert, teacher         G = teacher copy; L_rec + w_adv*lambda*L_adv (Sec. 3.2)
     pagoda_grow_R    pairs: pagoda_invert, generator: G    one new 2x decoder level at R, same base z (Sec. 3.3)
@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from genmodels.clip import TextEncoder
 from genmodels.pagoda import sample_latents
 from pipeline.stage import Stage, pool_resources
 from pipeline.store import Artifact
@@ -32,6 +31,7 @@ from workflows.pagoda.invert import InvertConfig, run_invert
 from workflows.pagoda.models import initial_model, load_one_step, load_teacher
 from workflows.pagoda.sample import SampleConfig, decode, device, run_sample, teacher_sample
 from workflows.pagoda.stages import DistillConfig, GrowConfig, TeacherConfig, run_distill, run_grow, run_teacher
+from workflows.text_clip import encoder
 from workflows.train import train_resources
 
 __all__ = ["STAGES", "GENERATORS", "GROWTH", "load_generator", "grow_stage", "growth", "family_table", "generators",
@@ -40,7 +40,7 @@ __all__ = ["STAGES", "GENERATORS", "GROWTH", "load_generator", "grow_stage", "gr
 # The base resolution B the table's model names assume: pagoda_teacher.resolution (the paper: 64).
 BASE = TeacherConfig.resolution
 
-TEACHER = Stage("pagoda_teacher", run_teacher, TeacherConfig, inputs={"shard": "shard"}, uses_ray=True,
+TEACHER = Stage("pagoda_teacher", run_teacher, TeacherConfig, inputs={"shard": "shard", "clip": "clip"}, uses_ray=True,
                 resources=train_resources)
 INVERT = Stage("pagoda_invert", run_invert, InvertConfig, inputs={"shard": "shard", "teacher": "pagoda_teacher"},
                uses_ray=True, resources=pool_resources)
@@ -139,10 +139,11 @@ def load_generator(artifacts: dict[str, Artifact], initial: bool = False) -> Gen
     """The family face (workflows.family) of a model's artifacts.
 
     ``{"generator": art}`` (distillation or growth): one forward pass per prompt from z ~ N(0, 80² I) at
-    the base resolution (PaGoDA Sec. 3.2). ``{"teacher": art}``: the teacher's multi-step sampler at the
-    base resolution, Heun on the EDM grid with the CFG scale it was trained for (model_config
-    ``sampler``; Sec. 3.1), nfe = its network passes per image. ``initial=True``: the same sampler on
-    the model as its stage built it before the first step (models.initial_model), each model's floor.
+    the base resolution (PaGoDA Sec. 3.2); a CFG-conditioned G at its model_config ``sampler`` omega.
+    ``{"teacher": art}``: the teacher's multi-step sampler at the base resolution, Heun on the EDM grid
+    with the CFG scale it was trained for (model_config ``sampler``; Sec. 3.1), nfe = its network passes
+    per image. ``initial=True``: the same sampler on the model as its stage built it before the first
+    step (models.initial_model), each model's floor.
     """
     if set(artifacts) == {"teacher"}:
         return _teacher_face(artifacts["teacher"], initial)
@@ -151,13 +152,14 @@ def load_generator(artifacts: dict[str, Artifact], initial: bool = False) -> Gen
     art = artifacts["generator"]
     gen, meta = (initial_model(art), art.read_json("model_config.json")) if initial else load_one_step(art)
     gen = gen.to(device())  # images come back on the CPU (decode)
-    text = TextEncoder(**meta["text"]) if meta.get("text") else None
+    text = encoder(**meta["text"]) if meta.get("text") else None
     base = int(meta["base_resolution"])
+    omega = float(meta.get("sampler", {}).get("omega", 0.0))
 
     def sample(prompts: list[str], seed: int) -> torch.Tensor:
         cond = text(prompts) if text is not None else {}
         z = sample_latents((len(prompts), 3, base, base), generator=torch.Generator().manual_seed(seed))
-        return decode(gen, z, cond)
+        return decode(gen, z, cond, omega=omega)
 
     res = int(meta["resolution"])
     return Generator(name=f"pagoda_{res}", resolution=res, sample=sample, nfe=1)
@@ -168,7 +170,7 @@ def _teacher_face(art: Artifact, initial: bool) -> Generator:
     teacher = teacher.to(device())  # 2 * points - 1 evaluations per image: on the GPU where there is one
     sampler = {"points": TeacherConfig.sample_points, "omega": 0.0, **meta.get("sampler", {})}
     points, omega = int(sampler["points"]), float(sampler["omega"]) if meta.get("text") else 0.0
-    text = TextEncoder(**meta["text"]) if meta.get("text") else None
+    text = encoder(**meta["text"]) if meta.get("text") else None
     res = int(meta["resolution"])
 
     def sample(prompts: list[str], seed: int) -> torch.Tensor:

@@ -24,10 +24,10 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from genmodels.clip import TextEncoder
 from genmodels.pagoda import control
 from pipeline.store import open_artifact
 from workflows.pagoda.models import load_one_step, load_teacher
+from workflows.text_clip import encoder
 from workflows.train.export import png_grid, png_image
 
 # ------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     gen, meta = load_one_step(open_artifact(args.generator))
     teacher, _ = load_teacher(open_artifact(args.teacher or meta["teacher"]))
-    text = TextEncoder(**meta["text"]) if meta["text"] else None
+    text = encoder(**meta["text"]) if meta["text"] else None
     def cond(prompt: str) -> dict:
         return {k: v for k, v in text([prompt]).items() if k != "text_embed"} if text else {}
 

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from data_prep.splits import row_ids
-from genmodels.clip import TextEncoder
 from genmodels.pagoda import Guided, PagodaConfig, invert_latents, ode_sample
 from pipeline.config import check
 from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact, task_filenames
 from workflows import shard_data
 from workflows.pagoda.models import load_teacher
+from workflows.text_clip import encoder
 
 DSTL_COLUMNS = ["dstl_noise", "dstl_omega", "dstl_target"]  # precomputed L_dstl inputs (InvertConfig.dstl)
 
@@ -103,7 +103,7 @@ class Inverter:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, meta = load_teacher(teacher)
         self.teacher.to(self.device)
-        self.text = TextEncoder(**meta["text"]).to(self.device).eval() if meta["text"] else None
+        self.text = encoder(**meta["text"]).to(self.device).eval() if meta["text"] else None
         self.resolution, self.carry = meta["resolution"], carry
         self.cfg = PagodaConfig(resolution=self.resolution, inversion_points=points)
         # Round-trip check on this actor's first `check` rows, reported as roundtrip/<uuid>.json in `report`.

@@ -25,6 +25,7 @@ from genmodels.pagoda import (
 )
 from genmodels.pagoda.unet import PRESETS as NET_PRESETS
 from pipeline.store import Artifact, open_artifact
+from workflows.text_clip import clip_model
 from workflows.train import load_weights
 
 # Teacher presets (the teacher's ``preset`` key); the stage sets img_resolution and text_dim. "micro"
@@ -108,7 +109,7 @@ class ClipImage(nn.Module):
 
     def __init__(self, name: str, pretrained: str = ""):
         super().__init__()
-        self.clip = clip_mod.build_clip(name, pretrained or None)[0]
+        self.clip = clip_model(name, pretrained)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.clip.encode_image(clip_mod.preprocess_tensor(self.clip, x), normalize=True)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genmodels.clip import TextEncoder
 from genmodels.metrics.swd import swd
 from genmodels.pagoda import (
     EDMConfig,
@@ -36,6 +35,7 @@ from pipeline.stage import ActorPoolConfig, actor_resources, in_task
 from pipeline.store import Artifact, open_artifact
 from workflows import shard_data
 from workflows.pagoda.models import load_one_step, load_teacher, unet_from_dict
+from workflows.text_clip import encoder
 from workflows.train.export import png_grid, png_image
 
 
@@ -113,7 +113,7 @@ def sample_generators(gens: list[tuple[int, str, Artifact]], real: dict[str, np.
     dev = device()
     torch.manual_seed(cfg.seed)
     final_meta = gens[-1][2].read_json("model_config.json")
-    text = TextEncoder(**final_meta["text"]).to(dev) if final_meta["text"] else None
+    text = encoder(**final_meta["text"]).to(dev) if final_meta["text"] else None
     encode = (lambda caps: text(caps)) if text else (lambda caps: {})
     base = final_meta["base_resolution"]
     cond = encode(_captions(real, cfg.n))

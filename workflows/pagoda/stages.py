@@ -53,6 +53,7 @@ from workflows.pagoda.models import (
     new_teacher,
     unet_from_dict,
 )
+from workflows.text_clip import encoder, weights
 from workflows.train import OptimGroup, TrainConfig, TrainContext, TrainSpec, fit
 from workflows.train.loop import default_collate
 
@@ -80,6 +81,9 @@ class TeacherConfig:
     clip: str = clip_mod.TINY  # open_clip model name (ViT-L-14 for a real run)
     clip_pretrained: str = ""  # open_clip tag or checkpoint path; "" = random weights (tiny only)
     text_tokens: int = 32  # token states kept per caption
+    # Condition on CLIP's pooled, projected embedding as one token instead of the token states: what a
+    # network without text attention (the micro preset) reads best (genmodels.clip.TextEncoder).
+    text_pooled: bool = False
     caption_column: str = "recaption"  # falls back to `caption` where empty
     cond_drop: float = 0.1  # condition dropout for CFG (Sec. 4.2)
     # EDM's training noise levels: ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022, Sec. 5; the
@@ -223,7 +227,7 @@ class TextColumns:
     """Ray Data callable class: adds ``text`` and ``text_mask`` (token states) to a batch with ``caption``."""
 
     def __init__(self, text: dict[str, Any]):
-        self.encoder = clip_mod.TextEncoder(**text).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = encoder(**text).to("cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         enc = self.encoder(batch["caption"])
@@ -251,7 +255,8 @@ def teacher_spec(cfg: TeacherConfig, unet: UNetConfig, text: dict | None) -> Tra
 
     def sample(models: dict[str, nn.Module], n: int, gen: torch.Generator) -> Tensor:
         z = torch.randn((n, 3, r, r), generator=gen, device=gen.device) * pcfg.edm.sigma_max
-        cond = {"text": torch.zeros(n, text["tokens"], unet.text_dim, device=z.device)} if text else {}
+        tokens = 1 if cfg.text_pooled else text["tokens"] if text else 0
+        cond = {"text": torch.zeros(n, tokens, unet.text_dim, device=z.device)} if text else {}
         return ode_sample(models["teacher"], z, cfg.preview_points, **cond)  # the unconditional (null-text) branch
 
     return TrainSpec(build_models=build_models, optimizers={"teacher": OptimGroup(("teacher",))}, step=step,
@@ -260,9 +265,13 @@ def teacher_spec(cfg: TeacherConfig, unet: UNetConfig, text: dict | None) -> Tra
 
 def run_teacher(inputs: dict[str, Artifact], cfg: TeacherConfig, out: Artifact) -> dict[str, Any]:
     """Stage 1: EDM on center-cropped, downsampled images of the ``shard``'s training split."""
-    text = {"name": cfg.clip, "pretrained": cfg.clip_pretrained, "tokens": cfg.text_tokens} if cfg.text else None
+    text = None
+    if cfg.text:  # the clip stage's weights unless clip_pretrained names others (text_clip.weights)
+        text = {"name": cfg.clip, "pretrained": weights(inputs.get("clip"), cfg.clip, cfg.clip_pretrained),
+                "tokens": cfg.text_tokens, **({"pooled_token": True} if cfg.text_pooled else {})}
+    width, embed = clip_mod.text_dims(cfg.clip)
     unet = dataclasses.replace(TEACHER_PRESETS[cfg.preset], img_resolution=cfg.resolution,
-                               text_dim=clip_mod.text_dims(cfg.clip)[0] if text else 0)
+                               text_dim=(embed if cfg.text_pooled else width) if text else 0)
     guided = bool(text) and cfg.cond_drop > 0  # no dropout: no unconditional branch to guide with
     meta = {"kind": "pagoda_teacher", "unet": dataclasses.asdict(unet), "sigma_data": 0.5, "text": text,
             "resolution": cfg.resolution,
@@ -385,7 +394,9 @@ def run_distill(inputs: dict[str, Artifact], cfg: DistillConfig, out: Artifact) 
     # The generator drops the teacher's dropout (Generator.from_teacher), and so does its saved config.
     meta = {"kind": "pagoda_generator", "unet": {**tmeta["unet"], "dropout": 0.0},
             "generator": dataclasses.asdict(gcfg), "text": tmeta["text"], "teacher": teacher.uri,
-            "resolution": tmeta["resolution"], "base_resolution": tmeta["resolution"]}
+            "resolution": tmeta["resolution"], "base_resolution": tmeta["resolution"],
+            # G(z, c, omega) is sampled at the middle of the CFG scales it was trained for (Sec. 4.2)
+            "sampler": {"omega": sum(cfg.omega_range) / 2 if cfg.omega_cond else 0.0}}
     return _fit_generator(cfg, inputs["pairs"], tmeta["resolution"], meta,
                           lambda: distill_init(teacher, gcfg), out)
 

@@ -34,6 +34,7 @@ from safetensors.torch import load, save
 from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact, task_filenames
 from workflows import shard_data
+from workflows.text_clip import weights
 from workflows.wuerstchen.models import TextEncoderConfig, load_trained
 
 DATA = "data"  # parquet files live in {artifact}/data/, which an encode rerun overwrites as a whole
@@ -158,7 +159,11 @@ def run_encode(ds, cfg: EncodeConfig, out: Artifact, encoder_kwargs: dict[str, A
             **{f"shape_{k}": "x".join(map(str, v)) for k, v in shapes.items()}}
 
 
-def _encode(shard: Artifact, cfg: EncodeConfig, out: Artifact, **models: Any) -> dict[str, Any]:
+def _encode(inputs: dict[str, Artifact], cfg: EncodeConfig, out: Artifact, **models: Any) -> dict[str, Any]:
+    shard, text = inputs["shard"], cfg.text_encoder
+    if text.library == "open_clip":  # the clip stage's weights unless the config names others
+        cfg = dataclasses.replace(cfg, text_encoder=dataclasses.replace(
+            text, pretrained=weights(inputs.get("clip"), text.name, text.pretrained)))
     image = shard_data.image_column(shard_data.columns(shard), cfg.resolution)
     # caption_column: the chosen caption (with the fallback rule) arrives as "caption".
     ds = shard_data.read(shard, split=shard_data.TRAIN, carry=[image], caption_column=cfg.caption_column)
@@ -168,7 +173,7 @@ def _encode(shard: Artifact, cfg: EncodeConfig, out: Artifact, **models: Any) ->
 
 def encode_a(inputs: dict[str, Artifact], cfg: EncodeAConfig, out: Artifact) -> dict[str, Any]:
     """Stage A latents + Stage B text tokens of every training row of the shard."""
-    return _encode(inputs["shard"], cfg, out, stage_a=inputs["stage_a"], keep_image=True)
+    return _encode(inputs, cfg, out, stage_a=inputs["stage_a"], keep_image=True)
 
 
 def encode_semantic(inputs: dict[str, Artifact], cfg: EncodeSemanticConfig, out: Artifact) -> dict[str, Any]:
@@ -176,4 +181,4 @@ def encode_semantic(inputs: dict[str, Artifact], cfg: EncodeSemanticConfig, out:
     stage_b = inputs["stage_b"]
     if not cfg.resolution:
         cfg = dataclasses.replace(cfg, resolution=int(stage_b.read_json("model_config.json")["resolution"]))
-    return _encode(inputs["shard"], cfg, out, compressor=stage_b)
+    return _encode(inputs, cfg, out, compressor=stage_b)

@@ -34,6 +34,7 @@ from genmodels.wuerstchen import (
 )
 from genmodels.wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
 from pipeline.store import Artifact
+from workflows.text_clip import encoder
 from workflows.train import load_weights
 
 # kind -> (network, its config class, named sizes)
@@ -150,7 +151,7 @@ class TextEncoderConfig:
         # so no pooled pass either.
         if self.library == "transformers":
             return TextEncoder.from_hf(*_hf_clip(self.name, self.tokenizer or self.name), tokens=0, pooled=False)
-        return TextEncoder(self.name, self.pretrained, tokens=0, pooled=False)
+        return encoder(self.name, self.pretrained, tokens=0, pooled=False)
 
 
 def _hf_clip(model: str, tokenizer: str):
