@@ -32,7 +32,7 @@ from genmodels.clip import open_clip_lib, text_dims
 from genmodels.pagoda import EDMPrecond, Generator, GeneratorConfig, GrowthConfig, UNet, UNetConfig, grow_2x
 from genmodels.wuerstchen import SemanticCompressor, StageA, StageB, StageC
 from genmodels.wuerstchen.diffusion import eps_loss
-from workflows.pagoda.models import TEACHER_PRESETS
+from workflows.pagoda.models import teacher_unet
 from workflows.pagoda.stages import build_discriminator, build_perceptual, growth_config
 from workflows.train.config import TrainConfig
 from workflows.wuerstchen.models import model_config, sem_latent_size
@@ -363,13 +363,8 @@ def clip_params_flops(name: str, size: int = 224) -> tuple[int, float]:
 # PaGoDA (arXiv 2405.14822): the teacher, the one-step generator and its growth chain
 
 
-def teacher_unet(t: Any) -> UNetConfig:
-    return dataclasses.replace(TEACHER_PRESETS[t.preset], img_resolution=t.resolution,
-                               text_dim=text_dims(t.clip)[0] if t.text else 0)
-
-
 def _text(t: Any, unet: UNetConfig) -> dict[str, Tensor]:
-    return {"text": _x(1, t.text_tokens, unet.text_dim)} if t.text else {}
+    return {"text": _x(1, 1 if t.text_pooled else t.text_tokens, unet.text_dim)} if t.text else {}
 
 
 def _teacher(unet: UNetConfig) -> nn.Module:

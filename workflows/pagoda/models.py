@@ -39,6 +39,14 @@ TEACHER_PRESETS = {
 }
 
 
+def teacher_unet(t: Any) -> UNetConfig:
+    """The teacher's network for a ``TeacherConfig``: its preset at its resolution, with text of the CLIP's
+    token width, or of its pooled width with ``text_pooled`` (one token)."""
+    width, embed = clip_mod.text_dims(t.clip) if t.text else (0, 0)
+    return dataclasses.replace(TEACHER_PRESETS[t.preset], img_resolution=t.resolution,
+                               text_dim=embed if t.text_pooled else width)
+
+
 def unet_from_dict(d: dict[str, Any]) -> UNetConfig:
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 

@@ -51,6 +51,7 @@ from workflows.pagoda.models import (
     grow_init,
     load_teacher,
     new_teacher,
+    teacher_unet,
     unet_from_dict,
 )
 from workflows.text_clip import encoder, weights
@@ -269,9 +270,7 @@ def run_teacher(inputs: dict[str, Artifact], cfg: TeacherConfig, out: Artifact) 
     if cfg.text:  # the clip stage's weights unless clip_pretrained names others (text_clip.weights)
         text = {"name": cfg.clip, "pretrained": weights(inputs.get("clip"), cfg.clip, cfg.clip_pretrained),
                 "tokens": cfg.text_tokens, **({"pooled_token": True} if cfg.text_pooled else {})}
-    width, embed = clip_mod.text_dims(cfg.clip)
-    unet = dataclasses.replace(TEACHER_PRESETS[cfg.preset], img_resolution=cfg.resolution,
-                               text_dim=(embed if cfg.text_pooled else width) if text else 0)
+    unet = teacher_unet(cfg)
     guided = bool(text) and cfg.cond_drop > 0  # no dropout: no unconditional branch to guide with
     meta = {"kind": "pagoda_teacher", "unet": dataclasses.asdict(unet), "sigma_data": 0.5, "text": text,
             "resolution": cfg.resolution,
