@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # First: sets the offline test environment (HF_HUB_OFFLINE, Ray auth mode) before any library reads it.
+from pipeline.stage import LOG_FORMAT  # noqa: E402
 from tests.conftest import ray_head  # noqa: E402
 
 MIN_SIDE = 16
@@ -229,7 +230,7 @@ def main() -> None:
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.jsonl")
     args = p.parse_args()
     # the stages' progress lines (partition commits, phases with rows/s, summaries)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, **LOG_FORMAT)
     logging.getLogger("genmodels").setLevel(logging.INFO)
 
     import pyarrow.fs as pafs

@@ -113,7 +113,7 @@ class TextEncoder(torch.nn.Module):
     def __init__(self, name: str = TINY, pretrained: str = "", tokens: int = 0, pooled: bool = True,
                  pooled_token: bool = False):
         super().__init__()
-        self.tokens, self.pooled, self.pooled_token = tokens, pooled or pooled_token, pooled_token
+        self.tokens, self.pooled, self.pooled_token = tokens, pooled, pooled_token
         self.hf = False
         if name:  # from_hf passes "" and sets clip / tokenizer itself
             self.clip, _, self.tokenizer = build_clip(name, pretrained or None)

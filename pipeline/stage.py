@@ -119,13 +119,17 @@ def in_task(fn: Callable[..., T], *args: Any, num_cpus: float, num_gpus: float =
     return ray.get(remote.remote(fn, *args))
 
 
+# The driver's log line (workflows/full_pipeline.py) and a task's: "HH:MM:SS message".
+LOG_FORMAT = {"format": "%(asctime)s %(message)s", "datefmt": "%H:%M:%S"}
+
+
 def _logging(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` with the stage's progress lines (logger ``genmodels``, INFO) on stderr, which Ray
     forwards to the driver: a worker process starts at Python's default level, WARNING, and drops them."""
     log = logging.getLogger("genmodels")
     if not log.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT["format"], LOG_FORMAT["datefmt"]))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from data_prep import stages as data_stages  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
 from pipeline import runner  # noqa: E402
-from pipeline.stage import Stage  # noqa: E402
+from pipeline.stage import LOG_FORMAT, Stage  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 from workflows import evaluate, oracle, pagoda, report, text_clip, wuerstchen  # noqa: E402
 
@@ -144,7 +144,7 @@ def _remove_token_file(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, **LOG_FORMAT)
     args = parse_args(argv)
     try:
         stages = stage_table(raw_sections(args.config, args.overrides))
