@@ -145,7 +145,9 @@ def test_prompts_steer_both_families_colours(demo):
     0.18): colour: teacher 0.42 / 0.45 / 0.53 (init 0.13), pagoda_16 0.39 / 0.44 / 0.34 (init
     0.23-0.25), Würstchen 0.30 / 0.28 / 0.26 (init 0.13-0.23); background: teacher 0.66-0.74, pagoda_16
     0.59-0.65. In-process runs of the teacher on other seeds gave 0.27-0.35 colour, hence the margins
-    below. Shape stays at chance: the tiny CLIP's 32 px image tower cannot see outlines (BENCHMARKS.md)."""
+    below. Shape stays at chance: the tiny CLIP's 32 px image tower cannot see outlines (BENCHMARKS.md).
+    Würstchen with Stage C at 3,000 steps, sampled at CFG 2 (seeds 0, 1, 2): 0.38 / 0.38 / 0.42 (init
+    0.14 / 0.17 / 0.06)."""
     table = json.loads(Path(demo["manifests"]["evaluate"]["_path"], "metrics.json").read_text())
     chance = table["chance"]
 
@@ -157,4 +159,8 @@ def test_prompts_steer_both_families_colours(demo):
         assert acc(model, "colour") > acc(f"{model} (init)", "colour"), (model, table)
         assert acc(model, "background") >= 2.5 * chance["background_acc"], (model, table[model], chance)
     assert acc("pagoda_teacher", "colour") >= acc("pagoda_teacher (init)", "colour") + 0.15, table
-    assert acc("wuerstchen", "colour") >= 1.4 * chance["colour_acc"], (table["wuerstchen"], chance)
+    assert acc("wuerstchen", "colour") >= 1.8 * chance["colour_acc"], (table["wuerstchen"], chance)
+    assert acc("wuerstchen", "colour") >= acc("wuerstchen (init)", "colour") + 0.1, table
+    # evaluate sampled the prior at the CFG scale its stage recorded, the demo's 2 (not the paper's 4)
+    c_meta = json.loads(Path(demo["manifests"]["wuerstchen_stage_c"]["_path"], "model_config.json").read_text())
+    assert c_meta["sampler"] == {"guidance_c": 2.0}

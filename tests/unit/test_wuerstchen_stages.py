@@ -293,6 +293,19 @@ def test_load_generator_samples_as_evaluate_did(tmp_path):
     assert torch.equal(x, ref)
 
 
+def test_load_generator_samples_at_the_guidance_stage_c_recorded(tmp_path):
+    arts = _trained_set(Store(str(tmp_path)))
+    meta = arts["stage_c"].read_json("model_config.json")
+    arts["stage_c"].write_json("model_config.json", {**meta, "sampler": {"guidance_c": 2.0}})
+    prompts = ["a red circle", "a blue square"]
+    x = wu.load_generator(arts).sample(prompts, 5)
+    ms = wm.load_trained_set(arts["stage_a"], arts["stage_b"], arts["stage_c"])
+    base = sw.SampleConfig(prompts=prompts, n_per_prompt=1, seed=5, device="cpu")
+    at2, _ = sw.generate(ms, dataclasses.replace(base, guidance_c=2.0), prompts)
+    at4, _ = sw.generate(ms, base, prompts)
+    assert torch.equal(x, at2) and not torch.equal(x, at4)
+
+
 def test_sample_walks_manifests_by_role(tmp_path):
     store = Store(str(tmp_path))
     arts = _trained_set(store)

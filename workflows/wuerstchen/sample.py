@@ -193,13 +193,14 @@ def sample(inputs: dict[str, Artifact], cfg: SampleConfig, out: Artifact) -> dic
 
 def load_generator(artifacts: dict[str, Artifact], name: str = "wuerstchen", initial: bool = False) -> Generator:
     """The family face (``workflows.family``): one image per prompt on the CPU with the default
-    sampler settings (29 Stage C steps at CFG 4, 12 Stage B steps), prompt i seeded ``seed + i``.
-    ``initial``: Stage C as its stage initialised it, A and B trained: the text-conditional prior is
-    where prompts enter, so this is the floor its training is read against."""
+    sampler settings (29 Stage C steps at the CFG scale Stage C recorded, else 4; 12 Stage B steps),
+    prompt i seeded ``seed + i``. ``initial``: Stage C as its stage initialised it, A and B trained:
+    the text-conditional prior is where prompts enter, so this is the floor its training is read against."""
     ms = load_trained_set(*(artifacts[role] for role in ROLES))
     if initial:
         ms.stage_c = initial_module(artifacts["stage_c"], "stage_c")
-    base = SampleConfig(n_per_prompt=1, device="cpu")
+    sampler = artifacts["stage_c"].read_json("model_config.json").get("sampler", {})
+    base = SampleConfig(n_per_prompt=1, device="cpu", guidance_c=float(sampler.get("guidance_c", 4.0)))
 
     def draw(prompts: list[str], seed: int) -> torch.Tensor:
         prompts = list(prompts)

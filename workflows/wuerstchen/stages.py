@@ -124,7 +124,9 @@ class StageBTrainConfig(_TrainStage):
 class StageCTrainConfig(_TrainStage):
     loss: StageCLossConfig = field(default_factory=StageCLossConfig)
     preview_steps: int = 29  # 29: the paper's schedule, dense at high noise; otherwise linear
-    preview_guidance: float = 4.0
+    # The CFG scale this prior is sampled at: its previews, and (recorded as model_config "sampler") the
+    # family face that evaluate samples. Paper: 4.
+    sample_guidance: float = 4.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**_TRAIN))
     kind: typing.ClassVar[str] = "stage_c"
 
@@ -337,7 +339,7 @@ def stage_c(inputs: dict[str, Artifact], cfg: StageCTrainConfig, out: Artifact) 
                          grad_checkpointing=cfg.train.activation_checkpointing)
     mc = {"family": "wuerstchen", "stage": "stage_c", "preset": cfg.preset, "resolution": info["resolution"],
           "sem_shape": [sem_c, sem_h, sem_w], "text_encoder": info["text_encoder"],
-          "modules": {"stage_c": dataclasses.asdict(c_cfg)}}
+          "modules": {"stage_c": dataclasses.asdict(c_cfg)}, "sampler": {"guidance_c": cfg.sample_guidance}}
     ts = stage_c_steps(cfg.preview_steps)
 
     def step(ctx, batch, i):
@@ -351,7 +353,7 @@ def stage_c(inputs: dict[str, Artifact], cfg: StageCTrainConfig, out: Artifact) 
         dev = next(models["stage_c"].parameters()).device
         text = p_text[:n].to(dev)
         z = sample_stage_c(models, text, uncond.to(dev), sem_size=(sem_h, sem_w), steps=ts,
-                           guidance=cfg.preview_guidance, generator=gen)
+                           guidance=cfg.sample_guidance, generator=gen)
         return torch.cat([_latent_image(p_z[:n].to(dev), 32), _latent_image(z, 32)])  # top: data, bottom: C
 
     spec = TrainSpec(build_models=lambda tc: {"stage_c": StageC(c_cfg)},
