@@ -302,7 +302,8 @@ def test_load_generator_samples_at_the_guidance_stage_c_recorded(tmp_path):
     ms = wm.load_trained_set(arts["stage_a"], arts["stage_b"], arts["stage_c"])
     base = sw.SampleConfig(prompts=prompts, n_per_prompt=1, seed=5, device="cpu")
     at2, _ = sw.generate(ms, dataclasses.replace(base, guidance_c=2.0), prompts)
-    at4, _ = sw.generate(ms, base, prompts)
+    at4, _ = sw.generate(ms, dataclasses.replace(base, guidance_c=4.0), prompts)
+    assert ms.guidance_c == 2.0 and torch.equal(sw.generate(ms, base, prompts)[0], at2)  # 0: the recorded one
     assert torch.equal(x, at2) and not torch.equal(x, at4)
 
 

@@ -179,6 +179,7 @@ class ModelSet:
     text_b: TextEncoderConfig
     compressor: dict[str, Any]  # its config: fixes the semantic latent size for an image size
     image_size: int  # the resolution it was trained at
+    guidance_c: float = 4.0  # the CFG scale Stage C recorded (model_config "sampler"); the paper's 4 without
 
     def to(self, device: torch.device) -> ModelSet:
         for m in (self.stage_a, self.stage_b, self.stage_c):
@@ -195,4 +196,5 @@ def load_trained_set(a: Artifact, b: Artifact, c: Artifact) -> ModelSet:
     return ModelSet(stage_a=load_trained(a, "stage_a"), stage_b=load_trained(b, "stage_b", meta=mb),
                     stage_c=load_trained(c, "stage_c", meta=mc), text_c=TextEncoderConfig(**mc["text_encoder"]),
                     text_b=TextEncoderConfig(**mb["text_encoder"]), compressor=mb["modules"]["compressor"],
-                    image_size=int(mb["resolution"]))
+                    image_size=int(mb["resolution"]),
+                    guidance_c=float(mc.get("sampler", {}).get("guidance_c", ModelSet.guidance_c)))

@@ -56,7 +56,7 @@ class SampleConfig:
     seed: int = 0
     steps_c: int = 29  # 29: the paper's schedule; any other count: linear in t
     steps_b: int = 12
-    guidance_c: float = 4.0
+    guidance_c: float = 0.0  # 0: the CFG scale Stage C recorded (ModelSet.guidance_c); <= 1 elsewhere: no CFG
     guidance_b: float = 0.0
     image_size: int = 0  # 0: the resolution Stage B was trained at
     device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu (fp32)
@@ -153,7 +153,8 @@ def generate(ms: ModelSet, cfg: SampleConfig,
     tc, tb = tc.repeat_interleave(n, dim=0), tb.repeat_interleave(n, dim=0)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         marks = [time.perf_counter()]
-        z = sample_stage_c(models, tc, tc_u, sem_size=sem_hw, steps=ts_c, guidance=cfg.guidance_c, generator=gens)
+        z = sample_stage_c(models, tc, tc_u, sem_size=sem_hw, steps=ts_c, guidance=cfg.guidance_c or ms.guidance_c,
+                           generator=gens)
         marks.append(_sync(device))
         lat = sample_stage_b(models, z, tb, tb_u, latent_size=lat_hw, steps=cfg.steps_b, guidance=cfg.guidance_b,
                              generator=gens)
@@ -199,8 +200,7 @@ def load_generator(artifacts: dict[str, Artifact], name: str = "wuerstchen", ini
     ms = load_trained_set(*(artifacts[role] for role in ROLES))
     if initial:
         ms.stage_c = initial_module(artifacts["stage_c"], "stage_c")
-    sampler = artifacts["stage_c"].read_json("model_config.json").get("sampler", {})
-    base = SampleConfig(n_per_prompt=1, device="cpu", guidance_c=float(sampler.get("guidance_c", 4.0)))
+    base = SampleConfig(n_per_prompt=1, device="cpu")
 
     def draw(prompts: list[str], seed: int) -> torch.Tensor:
         prompts = list(prompts)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-c", type=int, default=29)
     p.add_argument("--steps-b", type=int, default=12)
-    p.add_argument("--guidance-c", type=float, default=4.0)
+    p.add_argument("--guidance-c", type=float, default=0.0, help="0: the scale Stage C recorded (else 4)")
     p.add_argument("--guidance-b", type=float, default=0.0)
     p.add_argument("--size", type=int, default=0, help="image size (default: the training resolution)")
     p.add_argument("--device", default="auto")
