@@ -17,7 +17,7 @@ images on 127.0.0.1, optional per-response latency and a LAION-like failure mix)
 
 rows/s/core divides input rows by wall seconds and by the cores a side used (Ray and
 img2dataset: ``cores``; the loop: 1). Memory: the peak of the summed PSS of the Ray node's
-process tree (GCS, raylet, dashboard, workers) plus this driver, sampled every 0.2 s, and the
+process tree (GCS, raylet, dashboard, workers) plus this driver, sampled every 1 s, and the
 loop process's own peak RSS. Prints a table and appends one JSON line to
 benchmarks/results.jsonl. On a shared machine the ratios inside one run are what to compare.
 """
@@ -52,7 +52,9 @@ class MemorySampler:
     """Peak summed PSS (MB; RSS where the OS has no PSS) of the process trees under ``pids``,
     sampled in a thread."""
 
-    def __init__(self, pids: list[int], period_s: float = 0.2):
+    # 1 s, not finer: one sweep reads smaps of ~30 processes (0.1-0.2 s of CPU on a loaded 2-core
+    # machine), and at 0.2 s the sampler took a tenth or more of the cores it was measuring.
+    def __init__(self, pids: list[int], period_s: float = 1.0):
         import psutil
 
         self.procs = [psutil.Process(p) for p in pids]

@@ -8,8 +8,8 @@ Two passes over the ``download`` artifact's tars:
    :class:`~data_prep.models.ClipScorer` (actor pool: CLIP image/text embeddings, similarity,
    aesthetic / watermark / NSFW heads) → ``scores/shard=<id>/*.parquet``. With GPU actors
    :func:`prepare` runs in CPU tasks that feed them; on CPU the actors run it themselves
-   (:class:`PreparingScorer`), and a pass of at most ``single_task_rows`` rows runs in one Ray
-   task (:func:`data_prep.partitions.one_task_pass`: the same scorer, one file per shard).
+   (:class:`PreparingScorer`), in plain Ray tasks unless ``task_rows`` is 0
+   (:func:`data_prep.partitions.task_pass`: the same scorer, one file per shard).
 2. **decide**: SemDeDup-style near-duplicate removal (:mod:`data_prep.dedup`; Abbas et al.,
    2023, §3: k-means on the CLIP image embeddings, then pairwise cosine inside each cluster;
    exact duplicates by content hash ride along since identical images share a cluster) via
@@ -70,7 +70,7 @@ from data_prep import dedup, images
 from data_prep.filter_config import IMAGE_ERRORS, LAION, REASONS, FilterConfig
 from data_prep.partitions import (
     SHARDS,
-    one_task_pass,
+    in_tasks_label,
     pending_shards,
     read_by_shard,
     read_shard_rows,
@@ -78,6 +78,7 @@ from data_prep.partitions import (
     sample_columns,
     tally_files,
     tar_shards,
+    task_pass,
     write_by_shard,
     write_shard_file,
     write_shards,
@@ -190,21 +191,24 @@ class PreparingScorer:
         return self.scorer(self.prepare(batch))
 
 
-def score(download: Artifact, shards: list[str], path_to_shard: dict[str, str], cfg: FilterConfig,
-          out: Artifact, one_task: bool) -> None:
+def score(download: Artifact, rows: dict[str, int], path_to_shard: dict[str, str], cfg: FilterConfig,
+          out: Artifact, tasks: int) -> None:
+    """The score pass over the shards of ``rows`` (shard → rows): in ``tasks`` Ray tasks, or the
+    Ray Data pipeline above when 0."""
     model = {"model": cfg.clip_model, "pretrained": cfg.clip_pretrained}
     raw = {"path_to_shard": path_to_shard, "max_pixels": cfg.max_image_pixels,
            "uniform_check": cfg.max_uniform_fraction > 0}
-    if one_task:  # before the imports below: the driver needs neither Ray Data nor the models here
+    if tasks:  # before the imports below: the driver needs neither Ray Data nor the models here
         make = functools.partial(PreparingScorer, **model, **raw, heads=cfg.heads())
-        one_task_pass(make, download, shards, path_to_shard, out, "scores", cfg.batch_size, cfg.cpus_per_actor)
+        task_pass(make, download, rows, path_to_shard, out, "scores", cfg.batch_size, cfg.cpus_per_actor, tasks,
+                  "filter")
         return
 
     import ray  # lazy: Ray is only needed inside a running stage
 
     from data_prep.models import ClipScorer  # lazy: open_clip and torch, only in the actors
 
-    ds = read_tars(download, shards, path_to_shard)
+    ds = read_tars(download, list(rows), path_to_shard)
     if cfg.gpus_per_actor > 0:
         ds = ds.map_batches(prepare, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_task, batch_format="numpy",
                             fn_kwargs=model | raw)
@@ -416,10 +420,10 @@ def run(inputs: dict[str, Artifact], cfg: FilterConfig, out: Artifact) -> dict[s
     log.info("[filter] %d shards, %d rows; scoring %d shards, deciding %d", len(expected), sum(expected.values()),
              len(todo_scores), len(todo_rows))
     if todo_scores:
-        rows = sum(expected[s] for s in todo_scores)
-        one = cfg.in_one_task(rows)
-        with phases("score pass (decode, CLIP)" + (" in one task" if one else ""), rows=rows):
-            score(download, todo_scores, path_to_shard, cfg, out, one)
+        rows = {s: expected[s] for s in todo_scores}
+        tasks = cfg.tasks_for(sum(rows.values()))
+        with phases("score pass (decode, CLIP)" + in_tasks_label(tasks), rows=sum(rows.values())):
+            score(download, rows, path_to_shard, cfg, out, tasks)
         still = pending_shards(out, "scores", expected)
         if still:
             raise RuntimeError(f"filter: scores incomplete after the pass for shards {still[:5]}")

@@ -8,8 +8,8 @@ which makes each stage exactly-once on rerun.
 
 This module also reads the inputs those stages share: the download tars (as a Ray Data
 webdataset, or streamed in one process by :func:`tar_batches`, plus the common columns of a raw
-sample) and the filter's ``shards.parquet``; and runs a model pass over a few shards in one Ray
-task (:func:`one_task_pass`), where an actor pool would cost more to start than the rows.
+sample) and the filter's ``shards.parquet``; and runs a model pass over the shards in plain Ray
+tasks (:func:`task_pass`), where an actor pool would cost more to start than the rows.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import posixpath
 import re
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from data_prep import download as download_mod
 from data_prep import images
-from pipeline.stage import ActorPoolConfig, in_task
+from pipeline.stage import ActorPoolConfig, in_tasks
 from pipeline.store import Artifact
 
 log = logging.getLogger("genmodels")
@@ -159,22 +160,29 @@ def write_shard_file(art: Artifact, subdir: str, shard: str, table: pa.Table) ->
 class TarPassConfig(ActorPoolConfig):
     """A stage that runs a model over the download tars (filter, recaption).
 
-    single_task_rows: on CPU, a pass over at most this many rows runs in one Ray task (tar
-        reads, the model and the writes in one process, :func:`one_task_pass`) instead of a
-        Ray Data actor pool; 0 = always the pool. On 2 cores the pool's start (Ray Data's
-        operators, the actor processes and their imports) took 14-16 s of a demo pass whose
-        rows took 1-2 s; a thousand rows of the tiny models are ~3 s of one core.
+    task_rows: on CPU, a pass runs in plain Ray tasks instead of a Ray Data actor pool: each task
+        streams its share of the tars through the model and writes each shard's rows itself
+        (:func:`task_pass`). ``min(actors, rows // task_rows)`` tasks, at least one: every task
+        imports and builds the model once (8-9 s of a core for torch, open_clip and the tiny
+        model), so it gets at least ``task_rows`` rows to pay for it. 0 = always the actor pool
+        (GPU actors always use it). Measured on 2 cores: the pool's start (Ray Data's operators,
+        the actor processes and their imports) took 14-16 s of a 403-row demo pass whose rows
+        took 1-2 s, and at 20,000 rows the pools ran at a third to a half of the tasks' rate
+        (BENCHMARKS.md, issue 13).
     """
 
-    single_task_rows: int = 1000
+    task_rows: int = 1000
 
     def validate_pool(self) -> None:
         super().validate_pool()
-        if self.single_task_rows < 0:
-            raise ValueError(f"single_task_rows: must be >= 0, got {self.single_task_rows}")
+        if self.task_rows < 0:
+            raise ValueError(f"task_rows: must be >= 0, got {self.task_rows}")
 
-    def in_one_task(self, rows: int) -> bool:
-        return self.gpus_per_actor == 0 and self.single_task_rows > 0 and rows <= self.single_task_rows
+    def tasks_for(self, rows: int) -> int:
+        """How many Ray tasks run a pass over ``rows`` rows; 0 = the actor pool."""
+        if self.gpus_per_actor > 0 or self.task_rows == 0:
+            return 0
+        return max(1, min(self.actors, rows // self.task_rows))
 
 
 # A WebDataset member name: the sample key (directories included) and every extension after the
@@ -224,22 +232,48 @@ def as_table(batch: pa.Table | dict[str, np.ndarray]) -> pa.Table:
     return batch if isinstance(batch, pa.Table) else pa.table({k: arrow_column(v) for k, v in batch.items()})
 
 
-def one_task_pass(make: Callable[[], Callable[[dict[str, list]], Any]], download: Artifact, shards: list[str],
-                  path_to_shard: dict[str, str], out: Artifact, subdir: str, batch_size: int,
-                  num_cpus: float) -> None:
-    """``make()``'s callable over every sample of ``shards``, in one Ray task: each shard's
-    output is one file, written atomically once the shard is done (:func:`write_shard_file`), so
-    a killed pass leaves whole shards that :func:`pending_shards` counts and skips."""
-    in_task(_one_task_pass, make, download, shards, path_to_shard, out, subdir, batch_size, num_cpus=num_cpus)
+def in_tasks_label(tasks: int) -> str:
+    """A pass's phase name suffix: how it ran (``" in 2 tasks"``; nothing for the actor pool)."""
+    return f" in {tasks} task{'s' if tasks > 1 else ''}" if tasks else ""
 
 
-def _one_task_pass(make, download: Artifact, shards: list[str], path_to_shard: dict[str, str], out: Artifact,
-                   subdir: str, batch_size: int) -> None:
+def balance(rows: dict[str, int], k: int) -> list[list[str]]:
+    """The shards of ``rows`` (shard → rows) in at most ``k`` groups of near-equal row totals
+    (largest first into the lightest group), each group in shard order; no empty group."""
+    groups: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, k))]
+    for shard in sorted(rows, key=lambda s: (-rows[s], s)):
+        i = min(range(len(groups)), key=lambda j: (groups[j][0], j))
+        groups[i] = (groups[i][0] + rows[shard], groups[i][1] + [shard])
+    return [sorted(g) for _, g in groups if g]
+
+
+def task_pass(make: Callable[[], Callable[[dict[str, list]], Any]], download: Artifact, rows: dict[str, int],
+              path_to_shard: dict[str, str], out: Artifact, subdir: str, batch_size: int, num_cpus: float,
+              tasks: int, stage: str) -> None:
+    """``make()``'s callable over every sample of the shards in ``rows`` (shard → input rows), in
+    ``tasks`` Ray tasks side by side, each over a share balanced by rows (:func:`balance`). Each
+    shard's output is one file, written atomically once the shard is done
+    (:func:`write_shard_file`), so a killed pass leaves whole shards that :func:`pending_shards`
+    counts and skips."""
+    groups = balance(rows, tasks)
+    in_tasks(_task_pass, [(make, download, g, path_to_shard, out, subdir, batch_size, stage) for g in groups],
+             num_cpus=num_cpus, name=f"{stage}_pass")
+
+
+def _task_pass(make, download: Artifact, shards: list[str], path_to_shard: dict[str, str], out: Artifact,
+               subdir: str, batch_size: int, stage: str) -> None:
+    t0 = time.time()
     fn = make()
     paths = {s: p for p, s in path_to_shard.items()}
-    for shard in shards:
+    done = 0
+    log.info("[%s] task: model ready in %.1fs; %d shards to go", stage, time.time() - t0, len(shards))
+    for i, shard in enumerate(shards, 1):
         parts = [as_table(fn(b)) for b in tar_batches(download, paths[shard], batch_size)]
-        write_shard_file(out, subdir, shard, pa.concat_tables(parts, promote_options="default"))
+        table = pa.concat_tables(parts, promote_options="default")
+        write_shard_file(out, subdir, shard, table)
+        done += table.num_rows
+        log.info("[%s] task: shard %s written (%d of %d shards, %d rows, %.1f rows/s)", stage, shard, i,
+                 len(shards), done, done / max(time.time() - t0, 1e-9))
 
 
 def tar_shards(download: Artifact) -> tuple[dict[str, int], dict[str, str]]:

@@ -4,8 +4,8 @@ One streaming Ray Data pass: ``read_webdataset`` over the download tars → :fun
 (keep only the filter's kept rows, decode, centre-crop to the processor's input size; CPU
 tasks in front of GPU actors, inside the actor on CPU) →
 :class:`~data_prep.models.LlavaCaptioner` (actor pool; ``gpus_per_actor`` per actor on
-GPU with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. On CPU, a pass of at most
-``single_task_rows`` rows runs in one Ray task instead (:func:`data_prep.partitions.one_task_pass`).
+GPU with ``num_cpus=0``, bf16) → ``rows/shard=<id>/*.parquet``. On CPU the pass runs in plain Ray
+tasks instead, unless ``task_rows`` is 0 (:func:`data_prep.partitions.task_pass`).
 Images are not copied: the shard stage joins captions back to the download tars by ``key``.
 
 ``model: tiny`` builds a tiny random LLaVA offline (:mod:`data_prep.tiny_llava`) once per
@@ -40,13 +40,14 @@ import pyarrow.parquet as pq
 from data_prep import images, tiny_llava
 from data_prep.partitions import (
     TarPassConfig,
-    one_task_pass,
+    in_tasks_label,
     pending_shards,
     read_shard_rows,
     read_shards,
     read_tars,
     sample_columns,
     tar_shards,
+    task_pass,
     write_by_shard,
 )
 from data_prep.progress import Phases
@@ -219,11 +220,12 @@ def run(inputs: dict[str, Artifact], cfg: RecaptionConfig, out: Artifact) -> dic
         size = cfg.image_size or processor_size(cfg.model)
         model = {"model": cfg.model, "prompt": cfg.prompt, "max_new_tokens": cfg.max_new_tokens}
         raw = {"filt": filt, "path_to_shard": path_to_shard, "size": size, "max_pixels": cfg.max_image_pixels}
-        one = cfg.in_one_task(rows_todo)
-        with phases("caption pass (decode, LLaVA)" + (" in one task" if one else ""), rows=rows_todo):
-            if one:
-                one_task_pass(functools.partial(PreparingCaptioner, **model, **raw), download, todo, path_to_shard,
-                              out, "rows", cfg.batch_size, cfg.cpus_per_actor)
+        tasks = cfg.tasks_for(rows_todo)
+        with phases("caption pass (decode, LLaVA)" + in_tasks_label(tasks), rows=rows_todo):
+            if tasks:
+                task_pass(functools.partial(PreparingCaptioner, **model, **raw), download,
+                          {s: expected[s] for s in todo}, path_to_shard, out, "rows", cfg.batch_size,
+                          cfg.cpus_per_actor, tasks, "recaption")
             else:
                 caption_pass(download, todo, cfg, model, raw, out)
         still = pending_shards(out, "rows", expected)

@@ -110,13 +110,32 @@ def in_task(fn: Callable[..., T], *args: Any, num_cpus: float, num_gpus: float =
     The runner calls stages from threads of one driver (``run.parallel_stages``): work done there
     shares one interpreter with the other stage's and, in torch, the driver's threads. A task is a
     process of its own that Ray schedules like any other work (and gives one torch thread per CPU)."""
+    return in_tasks(fn, [args], num_cpus=num_cpus, num_gpus=num_gpus, **options)[0]
+
+
+def in_tasks(fn: Callable[..., T], calls: list[tuple], *, num_cpus: float, num_gpus: float = 0,
+             progress: Callable[[int, int], None] | None = None, **options: Any) -> list[T]:
+    """:func:`in_task` for every argument tuple of ``calls``, all submitted at once (Ray runs as
+    many side by side as the resources allow); one after another here when Ray is not up.
+    ``progress(done, total)`` is called as each call finishes. Results in the order of ``calls``."""
     import ray
 
+    report = progress or (lambda done, total: None)
     if not ray.is_initialized():
-        return fn(*args)
+        out = []
+        for args in calls:
+            out.append(fn(*args))
+            report(len(out), len(calls))
+        return out
     options = {"name": getattr(fn, "__name__", "stage"), **options}  # the task's name in Ray's dashboard
     remote = ray.remote(_logging).options(num_cpus=num_cpus, num_gpus=num_gpus, **options)
-    return ray.get(remote.remote(fn, *args))
+    refs = [remote.remote(fn, *args) for args in calls]
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # a failed call raises here, at once
+        report(len(refs) - len(pending), len(refs))
+    return ray.get(refs)
 
 
 # The driver's log line (workflows/full_pipeline.py) and a task's: "HH:MM:SS message".

@@ -34,11 +34,11 @@ DOWNLOAD = {"rows_per_partition": 12, "rows_per_shard": 6, "image_size": 256, "m
             "cpus_per_task": 0.5, "timeout_s": 5, "allow_networks": ["127.0.0.1/32"]}  # the site is on loopback
 # Tiny random CLIP: similarities are meaningless, so the threshold keeps everything and near-dup
 # detection only catches (almost) identical embeddings. That is configuration, not faking.
-# single_task_rows 0: the Ray Data actor pools that large runs use (a few dozen rows would otherwise
-# run in one task, which test_one_task_passes_write_what_the_actor_pools_write compares with them).
+# task_rows 0: the Ray Data actor pools that GPU runs use (on CPU the passes would otherwise run in
+# plain Ray tasks, which test_task_passes_write_what_the_actor_pools_write compares with them).
 FILTER = {"clip_model": "tiny-clip", "clip_pretrained": None, "min_clip_sim": -1.0, "min_side": 32, "batch_size": 8,
-          "near_dup_threshold": 0.9995, "min_aesthetic": 0.0, "single_task_rows": 0}
-RECAPTION = {"model": "tiny", "max_new_tokens": 6, "batch_size": 8, "single_task_rows": 0}
+          "near_dup_threshold": 0.9995, "min_aesthetic": 0.0, "task_rows": 0}
+RECAPTION = {"model": "tiny", "max_new_tokens": 6, "batch_size": 8, "task_rows": 0}
 TIMING = ("rows_per_s", "shards_resumed", "phase_s")  # how long, not what
 SHARD = {"resolutions": [32, 64], "rows_per_shard": 5}
 EXPECTED_REASON = {"http_404": "http_error", "corrupt_bytes": "decode_error", "truncated_jpeg": "decode_error",
@@ -176,10 +176,13 @@ def test_filter_keeps_every_score_and_counts_rejections(filtered, downloaded):
     assert sum(v["kept"] for v in shards.values()) == counts["rows_out"]
 
 
-def test_filter_killed_midway_then_rerun_gives_the_same_rows(filtered, downloaded, site, heads, ray_cluster):
-    """Kill a filter run (a separate driver) once its first output file lands; rerun here."""
-    cfg_file = site["root"] / "killed-filter.json"
-    cfg_file.write_text(json.dumps({**FILTER, "aesthetic_head": heads}))
+@pytest.mark.parametrize("mode", [{}, {"task_rows": 1, "actors": 2}], ids=["actor_pool", "two_tasks"])
+def test_filter_killed_midway_then_rerun_gives_the_same_rows(filtered, downloaded, site, heads, ray_cluster, mode):
+    """Kill a filter run (a separate driver) once its first output file lands; rerun here. Both
+    ways a pass runs: Ray Data's actor pool and plain Ray tasks (CPU's default)."""
+    name = f"killed-{'tasks' if mode else 'pool'}"
+    cfg_file = site["root"] / f"{name}.json"
+    cfg_file.write_text(json.dumps({**FILTER, **mode, "aesthetic_head": heads}))
     script = f"""
 import json, os, sys
 import ray
@@ -189,9 +192,9 @@ from pipeline.config import build
 from pipeline.store import Store
 store = Store({site["store"].uri!r})
 cfg = build(filt.FilterConfig, json.load(open({str(cfg_file)!r})), "filter")
-filt.run({{"download": store.artifact("download", "a")}}, cfg, store.artifact("filter", "killed"))
+filt.run({{"download": store.artifact("download", "a")}}, cfg, store.artifact("filter", {name!r}))
 """
-    art = site["store"].artifact("filter", "killed")
+    art = site["store"].artifact("filter", name)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -206,7 +209,8 @@ filt.run({{"download": store.artifact("download", "a")}}, cfg, store.artifact("f
         proc.wait()
     assert not art.exists(partitions.SHARDS)  # it really was interrupted
     time.sleep(3)  # the dead driver's Ray workers are being torn down
-    counts, _ = _run(filt, filt.FilterConfig, {**FILTER, "aesthetic_head": heads}, {"download": downloaded[0]}, art)
+    counts, _ = _run(filt, filt.FilterConfig, {**FILTER, **mode, "aesthetic_head": heads}, {"download": downloaded[0]},
+                     art)
     reference = filtered[0]
     assert _rows(art) == _rows(reference)  # same rows, same decisions, no duplicates, no losses
     assert {k: v for k, v in counts.items() if k not in TIMING} == \
@@ -228,14 +232,15 @@ def test_recaption_keeps_the_original_caption_beside_the_new_one(recaptioned, fi
     assert all(got[k][0] == kept[k] and isinstance(got[k][1], str) for k in kept)
 
 
-def test_one_task_passes_write_what_the_actor_pools_write(downloaded, filtered, recaptioned, site, heads):
-    """Below ``single_task_rows`` (the demo) the score and caption passes run in one Ray task:
-    the same rows, decisions, scores and captions as the Ray Data actor pools, one file a shard."""
-    one = {"single_task_rows": 1000}
+def test_task_passes_write_what_the_actor_pools_write(downloaded, filtered, recaptioned, site, heads):
+    """On CPU the score and caption passes run in plain Ray tasks (here two, each over its share of
+    the shards): the same rows, decisions, scores and captions as the Ray Data actor pools, one
+    file a shard."""
+    one = {"task_rows": 1, "actors": 2}
     f_art = site["store"].artifact("filter", "one-task")
     f_counts, _ = _run(filt, filt.FilterConfig, {**FILTER, **one, "aesthetic_head": heads},
                        {"download": downloaded[0]}, f_art)
-    assert "score pass (decode, CLIP) in one task" in f_counts["phase_s"]
+    assert "score pass (decode, CLIP) in 2 tasks" in f_counts["phase_s"]
     assert {k: v for k, v in f_counts.items() if k not in TIMING} == \
         {k: v for k, v in filtered[1].items() if k not in TIMING}
     assert _rows(f_art) == _rows(filtered[0])
@@ -248,7 +253,7 @@ def test_one_task_passes_write_what_the_actor_pools_write(downloaded, filtered, 
     r_art = site["store"].artifact("recaption", "one-task")
     r_counts, _ = _run(recaption, recaption.RecaptionConfig, {**RECAPTION, **one},
                        {"download": downloaded[0], "filter": f_art}, r_art)
-    assert "caption pass (decode, LLaVA) in one task" in r_counts["phase_s"]
+    assert "caption pass (decode, LLaVA) in 2 tasks" in r_counts["phase_s"]
     assert r_counts["rows_out"] == recaptioned[1]["rows_out"] > 0
     cols = ("key", "caption", "recaption", "recaption_error")
     assert _rows(r_art, columns=cols) == _rows(recaptioned[0], columns=cols)

@@ -32,9 +32,9 @@ def test_one_job_spans_two_nodes_with_a_training_worker_on_each_and_writes_to_s3
     overrides = ("wuerstchen_stage_a.train.num_workers=2",
                  "wuerstchen_stage_a.train.placement_strategy=STRICT_SPREAD", "wuerstchen_stage_a.train.zero_stage=2",
                  "wuerstchen_stage_a.train.total_steps=10", "wuerstchen_stage_a.train.log_every=2",
-                 # the Ray Data actor pools that large runs use, across both nodes (the demo's few
-                 # hundred rows would run each pass in one task)
-                 "filter.single_task_rows=0", "recaption.single_task_rows=0",
+                 # the Ray Data actor pools that GPU runs use, across both nodes (on CPU the passes
+                 # would run in plain Ray tasks)
+                 "filter.task_rows=0", "recaption.task_rows=0",
                  # a few contrastive steps: the encode actors on both nodes load its checkpoint from S3
                  "clip.steps=5", "clip.batch_size=8")
     with ray_head(num_cpus=2) as head, ray_worker_node(head["address"], num_cpus=2) as worker_tmp:

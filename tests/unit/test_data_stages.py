@@ -280,10 +280,28 @@ def test_tar_batches_group_members_by_sample_key_as_read_webdataset_does(tmp_pat
     assert batches[0]["recaption.txt"] == [None, b"r1"] and batches[1]["path"] == [path]
 
 
-def test_one_task_passes_only_on_cpu_and_under_the_row_limit():
-    cfg = filt.FilterConfig(single_task_rows=100)
-    assert cfg.in_one_task(100) and not cfg.in_one_task(101)
-    assert not filt.FilterConfig(single_task_rows=100, gpus_per_actor=1.0).in_one_task(1)
-    assert not filt.FilterConfig(single_task_rows=0).in_one_task(0)
-    with pytest.raises(ValueError, match="single_task_rows: must be >= 0"):
-        build(filt.FilterConfig, {"single_task_rows": -1}, "filter")
+def test_cpu_passes_run_in_tasks_that_each_get_task_rows():
+    cfg = filt.FilterConfig(task_rows=100, actors=4)
+    assert [cfg.tasks_for(n) for n in (0, 99, 100, 250, 399, 400, 100_000)] == [1, 1, 1, 2, 3, 4, 4]
+    assert filt.FilterConfig(task_rows=100, gpus_per_actor=1.0).tasks_for(10_000) == 0  # GPU: the actor pool
+    assert filt.FilterConfig(task_rows=0).tasks_for(10_000) == 0
+    with pytest.raises(ValueError, match="task_rows: must be >= 0"):
+        build(filt.FilterConfig, {"task_rows": -1}, "filter")
+
+
+def test_shards_are_balanced_by_rows_over_the_tasks():
+    rows = {"00_0": 1000, "00_1": 1000, "00_2": 400, "01_0": 1000, "01_1": 600, "01_2": 0}
+    groups = partitions.balance(rows, 2)
+    assert sorted(s for g in groups for s in g) == sorted(rows)  # every shard once
+    assert [sum(rows[s] for s in g) for g in groups] == [2000, 2000]
+    assert all(g == sorted(g) for g in groups)
+    assert partitions.balance({"a": 5}, 3) == [["a"]]  # no empty task
+
+
+def test_in_tasks_returns_results_in_call_order_and_reports_each_finish():
+    from pipeline.stage import in_tasks
+
+    seen = []
+    out = in_tasks(lambda a, b: a * b, [(2, 3), (4, 5), (6, 7)], num_cpus=1,
+                   progress=lambda done, total: seen.append((done, total)))
+    assert out == [6, 20, 42] and seen == [(1, 3), (2, 3), (3, 3)]
