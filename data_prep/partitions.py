@@ -167,8 +167,8 @@ class TarPassConfig(ActorPoolConfig):
         model), so it gets at least ``task_rows`` rows to pay for it. 0 = always the actor pool
         (GPU actors always use it). Measured on 2 cores: the pool's start (Ray Data's operators,
         the actor processes and their imports) took 14-16 s of a 403-row demo pass whose rows
-        took 1-2 s, and at 20,000 rows the pools ran at a third to a half of the tasks' rate
-        (BENCHMARKS.md, issue 13).
+        took 1-2 s; at 20,000 rows, with the shard stage's tasks beside it, filter → shard per
+        core went from 0.345 to 0.44-0.47 of the plain loop (BENCHMARKS.md, issue 13).
     """
 
     task_rows: int = 1000
