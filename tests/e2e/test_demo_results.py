@@ -110,15 +110,15 @@ def test_the_oracle_judges_colour_and_shape_on_real_images_and_grades_every_mode
 
 
 def test_pagoda_moves_towards_the_data_and_one_step_stays_near_its_teacher(demo):
-    """Judged by the oracle's features: the PaGoDA teacher and its base-resolution one-step generator
-    end closer to the held-out images than they started, and the generator's oracle-FD is within 1.5x
+    """Judged by the oracle's features: Würstchen, the PaGoDA teacher and its base-resolution one-step
+    generator end closer to the held-out images than they started, and the generator's oracle-FD is within 1.5x
     its teacher's at 1 NFE against 70 (issue 11's acceptance; PaGoDA's claim in miniature). Measured
-    (trained / init), training seeds 0 and 1: teacher 292 / 611, 326 / 611; generator 308 / 419,
-    294 / 422; generator / teacher 1.05, 0.90 (before the trained CLIP and L_dstl: 1.08-1.10).
-    Würstchen is left out: 0.65x and 0.88x its initialisation in two runs, and its SWD once above it."""
+    (trained / init), training seeds 0 / 1 / 2: teacher 298 / 591, 301 / 591, 282 / 591; generator
+    311 / 408, 294 / 418, 294 / 386; generator / teacher 1.04, 0.98, 1.04.
+    Würstchen (trained / init): 294 / 492, 284 / 471, 282 / 518 (0.65x and 0.88x on the 400-image demo)."""
     table = json.loads(Path(demo["manifests"]["evaluate"]["_path"], "metrics.json").read_text())
     fd = {row: table[row]["oracle_fd"] for row in table if "oracle_fd" in table[row]}
-    for model, margin in (("pagoda_teacher", 0.8), ("pagoda_16", 0.95)):
+    for model, margin in (("pagoda_teacher", 0.8), ("pagoda_16", 0.95), ("wuerstchen", 0.8)):
         assert fd[model] < margin * fd[f"{model} (init)"], (model, fd)
     assert fd["pagoda_16"] <= 1.5 * fd["pagoda_teacher"], fd
 
@@ -140,27 +140,26 @@ def test_every_text_encoder_uses_the_clip_the_demo_trained(demo):
 
 
 def test_prompts_steer_both_families_colours(demo):
-    """Issue 11, graded by the oracle against each held-out prompt (chance: the most frequent class).
-    Measured in three demo runs (training seeds 0, 1 and 0 again in CI; chance colour 0.15, background
-    0.18): colour: teacher 0.42 / 0.45 / 0.53 (init 0.13), pagoda_16 0.39 / 0.44 / 0.34 (init
-    0.23-0.25), Würstchen 0.30 / 0.28 / 0.26 (init 0.13-0.23); background: teacher 0.66-0.74, pagoda_16
-    0.59-0.65. In-process runs of the teacher on other seeds gave 0.27-0.35 colour, hence the margins
-    below. Shape stays at chance: the tiny CLIP's 32 px image tower cannot see outlines (BENCHMARKS.md).
-    Würstchen with Stage C at 3,000 steps, sampled at CFG 2 (seeds 0, 1, 2): 0.38 / 0.38 / 0.42 (init
-    0.14 / 0.17 / 0.06)."""
+    """Issue 11, graded by the oracle against each held-out prompt (38 prompts x 3; chance: the most
+    frequent class, colour 0.158, background 0.184). Colour accuracy >= 3x chance for Würstchen and the
+    base-resolution PaGoDA generator, each clearly above its own initialisation. Measured on this demo
+    (training seeds 0 / 1 / 2; init in brackets): Würstchen 0.54 / 0.50 / 0.75 (0.13 / 0.23 / 0.15),
+    pagoda_16 0.59 / 0.60 / 0.47 (0.24 / 0.21 / 0.22), teacher 0.59 / 0.60 / 0.54 (0.08); background:
+    teacher 0.80-0.93, pagoda_16 0.66-0.68. Seed 2's pagoda_16 is at 3x exactly (54 of 114): the
+    generator follows its teacher, so this floor has no margin beyond the measured seeds. Shape stays
+    at chance: the tiny CLIP's 32 px image tower cannot see outlines (BENCHMARKS.md)."""
     table = json.loads(Path(demo["manifests"]["evaluate"]["_path"], "metrics.json").read_text())
     chance = table["chance"]
 
     def acc(model: str, attr: str) -> float:
         return table[model][f"{attr}_acc"]
 
+    for model in ("wuerstchen", "pagoda_teacher", "pagoda_16"):
+        # 3x chance in prompts (both sides count the same 114; 1e-6, far below one prompt, absorbs float32)
+        assert acc(model, "colour") >= 3 * chance["colour_acc"] - 1e-6, (model, table[model], chance)
+        assert acc(model, "colour") >= acc(f"{model} (init)", "colour") + 0.2, (model, table)
     for model in ("pagoda_teacher", "pagoda_16"):
-        assert acc(model, "colour") >= 1.8 * chance["colour_acc"], (model, table[model], chance)
-        assert acc(model, "colour") > acc(f"{model} (init)", "colour"), (model, table)
         assert acc(model, "background") >= 2.5 * chance["background_acc"], (model, table[model], chance)
-    assert acc("pagoda_teacher", "colour") >= acc("pagoda_teacher (init)", "colour") + 0.15, table
-    assert acc("wuerstchen", "colour") >= 1.8 * chance["colour_acc"], (table["wuerstchen"], chance)
-    assert acc("wuerstchen", "colour") >= acc("wuerstchen (init)", "colour") + 0.1, table
     # evaluate sampled the prior at the CFG scale its stage recorded, the demo's 2 (not the paper's 4)
     c_meta = json.loads(Path(demo["manifests"]["wuerstchen_stage_c"]["_path"], "model_config.json").read_text())
     assert c_meta["sampler"] == {"guidance_c": 2.0}
