@@ -38,8 +38,9 @@ from workflows.text_clip import encoder
 DSTL_COLUMNS = ["dstl_noise", "dstl_omega", "dstl_target"]  # precomputed L_dstl inputs (InvertConfig.dstl)
 
 
-def read_pairs(pairs: Artifact, resolution: int):
-    """Ray Dataset of inversion pairs with the image decoded at ``resolution`` (jpg_R carried by the pairs)."""
+def read_pairs(pairs: Artifact, resolution: int, in_memory: bool = False):
+    """Ray Dataset of inversion pairs with the image decoded at ``resolution`` (jpg_R carried by the pairs);
+    ``in_memory``: read once in the driver, in ``sample_id`` order (shard_data.read_parquet)."""
     meta = pairs.read_json("pairs.json")
     col = shard_data.image_column(meta["image_columns"], resolution)
     cols = ["sample_id", "latent", "latent_flip", col] + (["text", "text_mask", "text_embed"] if meta["text"] else [])
@@ -51,7 +52,8 @@ def read_pairs(pairs: Artifact, resolution: int):
         b["image"] = shard_data.decode(b.pop(col), resolution)
         return b
 
-    return shard_data.read_parquet(pairs, cols, subdir="pairs").map_batches(prepare, batch_format="numpy")
+    ds = shard_data.read_parquet(pairs, cols, subdir="pairs", in_memory=in_memory)
+    return ds.map_batches(prepare, batch_format="numpy")
 
 
 # ------------------------------------------------------------------------------------------

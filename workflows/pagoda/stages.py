@@ -377,7 +377,7 @@ def check_dstl(cfg: DistillConfig, pairs_meta: dict[str, Any]) -> None:
 def _fit_generator(cfg: DistillConfig, pairs: Artifact, resolution: int, meta: dict[str, Any],
                    build_generator: Callable[[], Generator], out: Artifact) -> dict[str, Any]:
     check_dstl(cfg, pairs.read_json("pairs.json"))
-    ds = read_pairs(pairs, resolution)
+    ds = read_pairs(pairs, resolution, in_memory=cfg.in_memory)
     if cfg.in_memory:
         ds = shard_data.materialized(ds)
     preview = ds.take_batch(cfg.train.preview_images, batch_format="numpy")
