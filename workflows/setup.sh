@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing genmodels and its dependencies into $VENV (first time: ~1 min)"
+  echo "[setup] installing genmodels and its dependencies into $VENV (first time: ~2 min)"
   # uv installs the ~190 packages in ~45 s where pip took ~4.5 min (2 cores, cold cache). It reads
   # no pip.conf, so the machine's pip settings for local wheels and constraints are passed on. It
   # compiles bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else ever would, and

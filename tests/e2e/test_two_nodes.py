@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import free_port, ray_head, ray_worker_node, submit_pipeline
 
-# Opt-in with the autoscaler run (bash workflows/test.sh -m cluster): ~4 min alone, 6-12 beside the
-# demo, a quarter of CI's CPU time; the demo and the worker-group restore test keep Ray in CI.
+# Opt-in with the autoscaler run (bash workflows/test.sh -m cluster): 189 s alone, 377 s in CI beside the
+# demo (2026-12-03); CI keeps Ray through the demo and the killed-worker restore test.
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 BUCKET = "genmodels-test"
 STAGES = "urls,download,filter,recaption,shard,clip,wuerstchen_stage_a,wuerstchen_encode_a"
