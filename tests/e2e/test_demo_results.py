@@ -111,8 +111,8 @@ def test_the_oracle_judges_colour_and_shape_on_real_images_and_grades_every_mode
 
 def test_pagoda_moves_towards_the_data_and_one_step_stays_near_its_teacher(demo):
     """Judged by the oracle's features: Würstchen, the PaGoDA teacher and its base-resolution one-step
-    generator end closer to the held-out images than they started, and the generator's oracle-FD is within 1.5x
-    its teacher's at 1 NFE against 70 (issue 11's acceptance; PaGoDA's claim in miniature). Measured
+    generator end closer to the held-out images than they started, and the generator's oracle-FD is
+    within 1.5x its teacher's at 1 NFE against 70 (issue 11's acceptance; PaGoDA's claim in miniature). Measured
     (trained / init), training seeds 0 / 1 / 2: teacher 298 / 591, 301 / 591, 282 / 591; generator
     311 / 408, 294 / 418, 294 / 386; generator / teacher 1.04, 0.98, 1.04.
     Würstchen (trained / init): 294 / 492, 284 / 471, 282 / 518, and 0.61-0.66x in two more seed-0 runs
@@ -146,9 +146,9 @@ def test_prompts_steer_both_families_colours(demo):
     Würstchen and the base-resolution PaGoDA generator; the floors below are those every measured run
     passed. Five runs of this demo with Stage B at 1,000 steps (training seeds 0 / 1 / 2, then seed 0
     twice more: in CI before derived rows were read in sample_id order, and after; init in brackets):
-    Würstchen 0.54 / 0.50 /
-    0.75 / 0.32 / 0.47 (0.13-0.23), pagoda_16 0.59 / 0.60 / 0.47 / 0.55 / 0.60 (0.21-0.24), teacher
-    0.59 / 0.60 / 0.54 / 0.59 / 0.59 (0.08); background: teacher 0.80-0.93, pagoda_16 0.66-0.68.
+    Würstchen 0.54 / 0.50 / 0.75 / 0.32 / 0.47 (0.13-0.23), pagoda_16 0.59 / 0.60 / 0.47 / 0.55 / 0.60
+    (0.21-0.24), teacher 0.59 / 0.60 / 0.54 / 0.59 / 0.59 (0.08); background: teacher 0.80-0.93,
+    pagoda_16 0.66-0.68.
     Würstchen's spread comes from training (one run's Stage B ended at loss 0.0165, another's at
     0.0175 on the same rows in another order: 0.54 against 0.32). With Stage B at 2,000 steps (the demo
     now): Würstchen 0.63 / 0.76 (seeds 0 / 1), too few runs to raise its floor. Shape stays at chance:

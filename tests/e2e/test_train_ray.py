@@ -1,6 +1,7 @@
 """fit() through real Ray Train + Ray Data + DeepSpeed on CPU: ZeRO-3 with an injected worker failure
-and then a resume from storage, and an exact resume through a local shuffle buffer checked against
-the local mode (one Ray task). Two on purpose: each costs ~a minute."""
+and then a resume from storage (opt-in, ``-m cluster``), and an exact resume through a local shuffle
+buffer checked against the local mode (one Ray task); and the row order that training reads derived
+artifacts in."""
 
 import json
 import os
