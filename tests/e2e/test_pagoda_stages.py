@@ -19,6 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from data_prep.splits import subset_mask
 from pipeline import config as config_mod
 from pipeline import runner
 from pipeline.stage import Stage
@@ -57,9 +58,12 @@ def test_pagoda_stages_smoke(ray_cluster, tmp_path):
     path.write_text(yaml.safe_dump({"stages": DEMO_STAGES}))
     overrides = [f"{s}.train.{k}={v}" for s in TRAINING for k, v in
                  (("total_steps", STEPS), ("log_every", 5), ("shuffle_buffer", 0))]
-    overrides += ["pagoda_sample.n=8", "pagoda_sample.swd_projections=64", "clip.steps=10"]
+    # the demo's teacher batch (64) needs more training rows than the fake shard's ~56
+    overrides += ["pagoda_sample.n=8", "pagoda_sample.swd_projections=64", "clip.steps=10",
+                  "pagoda_teacher.train.batch_size=16"]
     cfg = config_mod.load(str(path), overrides, {s.name: s.config for s in STAGES})
-    assert cfg.stages["pagoda_teacher"].train.batch_size == 16  # nested train keys merge with the YAML
+    assert cfg.stages["pagoda_teacher"].train.batch_size == 16  # nested train keys merge with the YAML's
+    assert cfg.stages["pagoda_teacher"].train.lr == DEMO_STAGES["pagoda_teacher"]["train"]["lr"] == 0.002
     assert all(cfg.stages[s].train.total_steps <= STEPS for s in TRAINING)
     store = Store(str(tmp_path / "root"))
     steps = runner.plan(STAGES, cfg, store)
@@ -73,7 +77,10 @@ def test_pagoda_stages_smoke(ray_cluster, tmp_path):
     inv, pairs_art = arts["pagoda_invert"].manifest["counts"], arts["pagoda_invert"]
     ids = [i for n in pairs_art.list(".parquet", subdir="pairs")
            for i in pq.read_table(pairs_art.child(n), columns=["sample_id"]).column(0).to_pylist()]
-    assert inv["rows"] == len(ids) == len(set(ids)) and set(ids) == splits["train"]
+    # the demo inverts a fraction of the training rows (pagoda_invert.fraction), chosen by id hash
+    train = sorted(splits["train"])
+    chosen = {i for i, keep in zip(train, subset_mask(train, cfg.stages["pagoda_invert"].fraction)) if keep}
+    assert inv["rows"] == len(ids) == len(set(ids)) > 0 and set(ids) == chosen
     assert inv["roundtrip_n"] >= 4 and inv["roundtrip_mae_median"] < 0.2, inv  # forward Heun gives x_B back
     pairs = pq.read_table(pairs_art.child(pairs_art.list(".parquet", subdir="pairs")[0]))
     assert {"sample_id", "latent", "latent_flip", "text", "text_mask", "text_embed", "jpg_16", "jpg_32",
