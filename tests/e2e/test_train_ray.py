@@ -7,9 +7,11 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.store import Store
+from workflows import shard_data
 from workflows.train import TrainConfig, fit, load_weights, synthetic
 from workflows.train.export import read_history
 
@@ -135,17 +137,8 @@ def test_derived_rows_in_memory_come_in_sample_id_order(ray_cluster, tmp_path):
     """An encode or inversion stage's actor pool writes rows in the order its actors finish; read into
     memory for training they come back in ``sample_id`` order, so the same config trains on the same
     order in every run (before: Würstchen colour 0.54 in one seed-0 run, 0.32 in the next)."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from workflows import shard_data
-
     art = Store(str(tmp_path / "root")).artifact("encode", "k")
     for name, ids in (("part-1.parquet", ["s07", "s02", "s05"]), ("part-0.parquet", ["s04", "s01", "s06", "s03"])):
-        buf = io.BytesIO()
-        pq.write_table(pa.table({"sample_id": ids, "x": [int(i[1:]) for i in ids]}), buf)
-        art.write_bytes(f"data/{name}", buf.getvalue())
+        art.write_parquet(f"data/{name}", pa.table({"sample_id": ids, "x": [int(i[1:]) for i in ids]}))
     rows = shard_data.read_parquet(art, ["x"], subdir="data", in_memory=True).take_all()
     assert [r["x"] for r in rows] == list(range(1, 8)) and set(rows[0]) == {"x"}
