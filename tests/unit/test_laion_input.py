@@ -182,17 +182,18 @@ def test_relative_root_under_a_remote_cluster_is_refused(root, env, address, ref
     assert ("under a remote Ray cluster" in msg) == (refused == "remote")
 
 
-def test_cli_refuses_relative_root_under_remote_address_before_any_work(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "workflows" / "full_pipeline.py"), "--config",
-                        str(REPO / "workflows" / "configs" / "demo.yaml"), "--dry-run"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                       env={**os.environ, "RAY_ADDRESS": "10.255.0.1:6379"})
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert r.stderr.strip().splitlines() == [
+def test_cli_refuses_relative_root_under_remote_address_before_any_work(tmp_path, monkeypatch, capsys):
+    # In-process main(): the CLI's own exit path is tested through a subprocess in test_backbone_e2e.py.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "10.255.0.1:6379")
+    rc = fp.main(["--config", str(REPO / "workflows" / "configs" / "demo.yaml"), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 2, out + err
+    assert err.strip().splitlines() == [
         "error: run.root: relative path 'runs/demo' under a remote Ray cluster (RAY_ADDRESS=10.255.0.1:6379) would "
         "be written inside the job's working dir on the head node and lost; use s3://... or an absolute path every "
         "node shares"]
-    assert "plan:" not in r.stdout and not (tmp_path / "runs").exists()
+    assert "plan:" not in out and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("env, token_file, sets_token", [

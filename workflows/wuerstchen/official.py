@@ -89,8 +89,10 @@ def load_official(directory: str, kind: str) -> nn.Module:
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             cfg = json.load(f)
+    # The weights first: a folder without them fails now, not after a paper-size network is initialised.
+    state = map_diffusers_state_dict(kind, _read_state_dict(folder))
     module = build_module(kind, official_config(kind, cfg))
-    module.load_state_dict(map_diffusers_state_dict(kind, _read_state_dict(folder)), strict=True)
+    module.load_state_dict(state, strict=True)
     return module.eval().requires_grad_(False)
 
 
