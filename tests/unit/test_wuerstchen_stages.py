@@ -166,6 +166,30 @@ def test_encoder_class_round_trip_without_ray(tmp_path):
     assert set(plain) == {"sample_id", "row_id", "text_tokens"}
 
 
+def test_encoder_rows_do_not_depend_on_how_ray_data_batched_them(tmp_path):
+    """Ray Data's batches follow block arrival; oneDNN picks its kernels by batch size (below 16 rows
+    this machine's convolutions differ by ~1e-6). Every network call runs on ``compute_batch`` rows,
+    so the rows of a short batch equal the same rows inside a full one, bit for bit, in float32."""
+    torch.manual_seed(0)
+    stage_a, comp = StageA().eval(), SemanticCompressor().eval()
+    with torch.no_grad():  # as after training: a fresh Stage A's blocks are gated shut (identities)
+        for p in stage_a.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    store = Store(str(tmp_path))
+    e = enc.WuerstchenEncoder("jpg_64", 64, wm.TextEncoderConfig(), device="cpu", compute_batch=20,
+                              stage_a=fake_trained(store.artifact("wuerstchen_stage_a", "k"), {"stage_a": stage_a}),
+                              compressor=fake_trained(store.artifact("wuerstchen_stage_b", "k"), {"compressor": comp}))
+    x = torch.rand(20, 3, 64, 64) * 2 - 1
+    caps = [f"a shape number {i}" for i in range(20)]
+    with torch.no_grad():
+        for fn, data in ((e.stage_a.encode, x), (e.compressor, x), (lambda c: e.text(c)["text"], caps)):
+            whole = e._fixed(fn, data, pad="" if data is caps else None)
+            assert whole.shape[0] == 20
+            for lo, hi in ((0, 3), (3, 17), (17, 20)):
+                part = e._fixed(fn, data[lo:hi], pad="" if data is caps else None)
+                assert torch.equal(part, whole[lo:hi]), (lo, hi)
+
+
 # ---------------------------------------------------------------------------------------------- official weights
 
 

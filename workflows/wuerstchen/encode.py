@@ -94,12 +94,18 @@ class WuerstchenEncoder:
     ``stage_a`` / ``compressor``: trained artifacts whose EMA weights are loaded here, once.
     ``image_column`` is decoded at ``size``; ``keep_image`` passes its bytes through (Stage B's
     compressor trains on them). Captions: ``shard_data.captions`` of ``caption_column``.
+
+    The networks always run on ``compute_batch`` rows (the last chunk padded): kernels are chosen
+    by batch size (oneDNN's convolutions below 16 rows differ by ~1e-6 from the same rows in a
+    larger batch, enough to flip an fp16 step), and Ray Data's batches depend on how its blocks
+    arrived. So a row's latent no longer depends on the run's scheduling.
     """
 
     def __init__(self, image_column: str, size: int, text_encoder: TextEncoderConfig, caption_column: str = "caption",
                  stage_a: Artifact | None = None, compressor: Artifact | None = None, keep_image: bool = False,
-                 device: str = "auto"):
+                 device: str = "auto", compute_batch: int = 64):
         self.device = _device(device)
+        self.compute_batch = compute_batch
         self.image_column, self.size, self.caption_column = image_column, size, caption_column
         self.keep_image = keep_image
         self.stage_a = load_trained(stage_a, "stage_a").to(self.device) if stage_a is not None else None
@@ -116,13 +122,28 @@ class WuerstchenEncoder:
             if self.stage_a is not None or self.compressor is not None:
                 x = torch.from_numpy(shard_data.decode(batch[self.image_column], self.size)).to(self.device)
                 if self.stage_a is not None:
-                    out["latent_a"] = _f16(self.stage_a.encode(x))
+                    out["latent_a"] = _f16(self._fixed(self.stage_a.encode, x))
                 if self.compressor is not None:
-                    out["latent_sem"] = _f16(self.compressor(x))
-            out["text_tokens"] = _f16(self.text(shard_data.captions(batch, self.caption_column))["text"])
+                    out["latent_sem"] = _f16(self._fixed(self.compressor, x))
+            caps = [str(c) for c in shard_data.captions(batch, self.caption_column)]
+            out["text_tokens"] = _f16(self._fixed(lambda c: self.text(c)["text"], caps, pad=""))
         if self.keep_image:
             out[self.image_column] = batch[self.image_column]
         return out
+
+
+    def _fixed(self, fn, x: torch.Tensor | list[str], pad: str | None = None) -> torch.Tensor:
+        """``fn`` over ``x`` in chunks of exactly ``compute_batch`` rows; the last is padded with zeros
+        (tensors) or ``pad`` (captions)."""
+        n, outs = self.compute_batch, []
+        for i in range(0, len(x), n):
+            chunk, short = x[i:i + n], n - len(x[i:i + n])
+            if short and pad is None:
+                chunk = torch.cat([chunk, chunk.new_zeros((short, *chunk.shape[1:]))])
+            elif short:
+                chunk = [*chunk, *[pad] * short]
+            outs.append(fn(chunk))
+        return torch.cat(outs)[:len(x)]
 
 
 def _f16(t: torch.Tensor) -> np.ndarray:
@@ -168,7 +189,7 @@ def _encode(inputs: dict[str, Artifact], cfg: EncodeConfig, out: Artifact, **mod
     # caption_column: the chosen caption (with the fallback rule) arrives as "caption".
     ds = shard_data.read(shard, split=shard_data.TRAIN, carry=[image], caption_column=cfg.caption_column)
     return run_encode(ds, cfg, out, {"image_column": image, "size": cfg.resolution,
-                                     "text_encoder": cfg.text_encoder, **models})
+                                     "text_encoder": cfg.text_encoder, "compute_batch": cfg.batch_size, **models})
 
 
 def encode_a(inputs: dict[str, Artifact], cfg: EncodeAConfig, out: Artifact) -> dict[str, Any]:
