@@ -145,9 +145,9 @@ def test_prompts_steer_both_families_colours(demo):
     base-resolution PaGoDA generator, each clearly above its own initialisation. The demo's config
     (Stage B 2,000 steps, teacher 400 x 64), training seeds 0 / 1 / 2, init in brackets:
     Würstchen 0.63 (0.23) / 0.76 (0.15) / 0.64 (0.15); pagoda_16 0.73 (0.32) / 0.59 (0.28) / 0.59 (0.33);
-    teacher 0.69 / 0.70 / 0.65 (0.08); background: teacher 0.83-0.90, pagoda_16 0.78-0.89. Seed 0 in CI:
-    PaGoDA to the digit as alone, Würstchen 0.68 (0.19), its fp16 latents one step apart between the two
-    environments. Earlier configs and their spread: BENCHMARKS.md. Shape stays at chance: the demo CLIP's
+    teacher 0.69 / 0.70 / 0.65 (0.08); background: teacher 0.83-0.90, pagoda_16 0.78-0.89. Seed 0 in CI
+    gives the solo run's figures to the digit (since the Würstchen encoders run on fixed-size batches).
+    Earlier configs and their spread: BENCHMARKS.md. Shape stays at chance: the demo CLIP's
     text embedding does not carry it (BENCHMARKS.md, tenth session)."""
     table = json.loads(Path(demo["manifests"]["evaluate"]["_path"], "metrics.json").read_text())
     chance = table["chance"]
