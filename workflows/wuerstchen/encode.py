@@ -125,19 +125,19 @@ class WuerstchenEncoder:
                     out["latent_a"] = _f16(self._fixed(self.stage_a.encode, x))
                 if self.compressor is not None:
                     out["latent_sem"] = _f16(self._fixed(self.compressor, x))
-            caps = [str(c) for c in shard_data.captions(batch, self.caption_column)]
+            caps = list(shard_data.captions(batch, self.caption_column))  # str already
             out["text_tokens"] = _f16(self._fixed(lambda c: self.text(c)["text"], caps, pad=""))
         if self.keep_image:
             out[self.image_column] = batch[self.image_column]
         return out
-
 
     def _fixed(self, fn, x: torch.Tensor | list[str], pad: str | None = None) -> torch.Tensor:
         """``fn`` over ``x`` in chunks of exactly ``compute_batch`` rows; the last is padded with zeros
         (tensors) or ``pad`` (captions)."""
         n, outs = self.compute_batch, []
         for i in range(0, len(x), n):
-            chunk, short = x[i:i + n], n - len(x[i:i + n])
+            chunk = x[i:i + n]
+            short = n - len(chunk)
             if short and pad is None:
                 chunk = torch.cat([chunk, chunk.new_zeros((short, *chunk.shape[1:]))])
             elif short:
