@@ -19,6 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Data 2.60 starts 32 footer-reading actors per Parquet read; the tests' reads have a few files
 # (the demo sets the same in its config). Inherited by every Ray node the tests start.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+# A driver with usage stats on starts Ray Data's usage-collection actor and hands it every execution:
+# 13 CPU-s and one more worker process in a CI run (the heads' --disable-usage-stats reaches no driver).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 

@@ -42,8 +42,9 @@ BASE = TeacherConfig.resolution
 
 TEACHER = Stage("pagoda_teacher", run_teacher, TeacherConfig, inputs={"shard": "shard", "clip": "clip"}, uses_ray=True,
                 resources=train_resources)
+# version 2: the teacher always sees batch_size rows (workflows.fixed_batch).
 INVERT = Stage("pagoda_invert", run_invert, InvertConfig, inputs={"shard": "shard", "teacher": "pagoda_teacher"},
-               uses_ray=True, resources=pool_resources)
+               version=2, uses_ray=True, resources=pool_resources)
 DISTILL = Stage("pagoda_distill", run_distill, DistillConfig,
                 inputs={"pairs": "pagoda_invert", "teacher": "pagoda_teacher"}, uses_ray=True,
                 resources=train_resources)

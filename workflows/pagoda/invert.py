@@ -32,6 +32,7 @@ from pipeline.config import check
 from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact, task_filenames
 from workflows import shard_data
+from workflows.fixed_batch import run_fixed
 from workflows.pagoda.models import load_teacher
 from workflows.text_clip import encoder
 
@@ -101,7 +102,8 @@ class Inverter:
     """Ray Data callable class: the EMA teacher (and its text encoder) load once per actor in __init__."""
 
     def __init__(self, teacher: Artifact, points: int, carry: tuple[str, ...] = (), check: int = 0,
-                 report: Artifact | None = None, dstl: dict[str, Any] | None = None):
+                 report: Artifact | None = None, dstl: dict[str, Any] | None = None, compute_batch: int = 16):
+        self.compute_batch = compute_batch  # the teacher always sees this many rows (workflows.fixed_batch)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, meta = load_teacher(teacher)
         self.teacher.to(self.device)
@@ -136,19 +138,28 @@ class Inverter:
         return (x_rec.clamp(-1, 1) - x).abs().flatten(1)
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        src = shard_data.image_column(batch, self.resolution)
-        x = torch.from_numpy(shard_data.decode(batch[src], self.resolution)).to(self.device)
-        cond = self.text(batch["caption"]) if self.text is not None else {}
+    def pairs(self, x: torch.Tensor, captions: list[str], sample_ids: list[str]) -> dict[str, torch.Tensor]:
+        """Latents (and L_dstl targets) of one fixed-size chunk, with the text conditions the teacher saw."""
+        cond = self.text(captions) if self.text is not None else {}
         tcond = {k: cond[k] for k in ("text", "text_mask") if k in cond}
         z = invert_latents({"teacher": self.teacher}, {"image": x, **tcond}, self.cfg)
         if self.dstl is not None:
-            z.update(self.dstl_targets(batch["sample_id"], tcond))
+            z.update(self.dstl_targets(np.array(sample_ids, dtype=object), tcond))
+        return {**z, **cond}
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        src = shard_data.image_column(batch, self.resolution)
+        x = torch.from_numpy(shard_data.decode(batch[src], self.resolution)).to(self.device)
+        # Padding captions are "", padding ids repeat the last real one (their noise is dropped with them).
+        z = run_fixed(self.pairs, self.compute_batch, x, list(batch["caption"]), list(batch["sample_id"]),
+                      fills=(None, ""))
         out = {"sample_id": batch["sample_id"], "caption": batch["caption"],
-               **{k: v.cpu().numpy() for k, v in {**z, **cond}.items()}, **{c: batch[c] for c in self.carry}}
+               **{k: v.cpu().numpy() for k, v in z.items()}, **{c: batch[c] for c in self.carry}}
         if self.check > 0:
             n = min(self.check, len(x))
-            err = self.roundtrip_error(x[:n], z["latent"][:n], {k: v[:n] for k, v in tcond.items()})
+            tcond = {k: z[k][:n] for k in ("text", "text_mask") if k in z}
+            err = self.roundtrip_error(x[:n], z["latent"][:n], tcond)
             self.report.write_json(f"roundtrip/{uuid.uuid4().hex}.json", {
                 "sample_id": [str(s) for s in batch["sample_id"][:n]], "mae": err.mean(1).tolist(),
                 "max": err.amax(1).tolist()})
@@ -189,7 +200,8 @@ def run_invert(inputs: dict[str, Artifact], cfg: InvertConfig, out: Artifact) ->
                              caption_column=cfg.caption_column, fraction=cfg.fraction, paths=paths)
         return ds.map_batches(
             Inverter, fn_constructor_kwargs={"teacher": teacher, "points": cfg.points, "carry": carry,
-                                             "check": check, "report": out, "dstl": cfg.dstl_spec()},
+                                             "check": check, "report": out, "dstl": cfg.dstl_spec(),
+                                             "compute_batch": cfg.batch_size},
             batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
             **actor_resources(cfg))
 

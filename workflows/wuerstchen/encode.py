@@ -34,6 +34,7 @@ from safetensors.torch import load, save
 from pipeline.stage import ActorPoolConfig, actor_resources
 from pipeline.store import Artifact, task_filenames
 from workflows import shard_data
+from workflows.fixed_batch import run_fixed
 from workflows.text_clip import weights
 from workflows.wuerstchen.models import TextEncoderConfig, load_trained
 
@@ -95,10 +96,8 @@ class WuerstchenEncoder:
     ``image_column`` is decoded at ``size``; ``keep_image`` passes its bytes through (Stage B's
     compressor trains on them). Captions: ``shard_data.captions`` of ``caption_column``.
 
-    The networks always run on ``compute_batch`` rows (the last chunk padded): kernels are chosen
-    by batch size (oneDNN's convolutions below 16 rows differ by ~1e-6 from the same rows in a
-    larger batch, enough to flip an fp16 step), and Ray Data's batches depend on how its blocks
-    arrived. So a row's latent no longer depends on the run's scheduling.
+    The networks always run on ``compute_batch`` rows (:mod:`workflows.fixed_batch`): a batch of
+    fewer than 16 rows changes a latent by ~1e-6, enough to flip an fp16 step.
     """
 
     def __init__(self, image_column: str, size: int, text_encoder: TextEncoderConfig, caption_column: str = "caption",
@@ -122,28 +121,14 @@ class WuerstchenEncoder:
             if self.stage_a is not None or self.compressor is not None:
                 x = torch.from_numpy(shard_data.decode(batch[self.image_column], self.size)).to(self.device)
                 if self.stage_a is not None:
-                    out["latent_a"] = _f16(self._fixed(self.stage_a.encode, x))
+                    out["latent_a"] = _f16(run_fixed(self.stage_a.encode, self.compute_batch, x))
                 if self.compressor is not None:
-                    out["latent_sem"] = _f16(self._fixed(self.compressor, x))
+                    out["latent_sem"] = _f16(run_fixed(self.compressor, self.compute_batch, x))
             caps = list(shard_data.captions(batch, self.caption_column))  # str already
-            out["text_tokens"] = _f16(self._fixed(lambda c: self.text(c)["text"], caps, pad=""))
+            out["text_tokens"] = _f16(run_fixed(lambda c: self.text(c)["text"], self.compute_batch, caps, fills=("",)))
         if self.keep_image:
             out[self.image_column] = batch[self.image_column]
         return out
-
-    def _fixed(self, fn, x: torch.Tensor | list[str], pad: str | None = None) -> torch.Tensor:
-        """``fn`` over ``x`` in chunks of exactly ``compute_batch`` rows; the last is padded with zeros
-        (tensors) or ``pad`` (captions)."""
-        n, outs = self.compute_batch, []
-        for i in range(0, len(x), n):
-            chunk = x[i:i + n]
-            short = n - len(chunk)
-            if short and pad is None:
-                chunk = torch.cat([chunk, chunk.new_zeros((short, *chunk.shape[1:]))])
-            elif short:
-                chunk = [*chunk, *[pad] * short]
-            outs.append(fn(chunk))
-        return torch.cat(outs)[:len(x)]
 
 
 def _f16(t: torch.Tensor) -> np.ndarray:
