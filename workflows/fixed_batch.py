@@ -1,7 +1,7 @@
 """Networks that derive stored rows run on batches of one size, whatever batch Ray Data hands over.
 
 oneDNN picks its convolution kernels by batch size. On the development CPU a row's output in a
-batch of 1-15 differs by up to ~5e-7 from the same row's in a batch of 16 or more (Stage A's encoder,
+batch of 1-15 differs by up to ~1e-6 from the same row's in a batch of 16 or more (Stage A's encoder,
 the PaGoDA teacher; 16, 24, 32 and 64 agree bit for bit). Ray Data's batches end where its blocks
 end, and that depends on the machine's load. So without this a derived row (a latent, an
 inversion) would depend on how the run was scheduled, and a chaotic training run downstream
