@@ -93,3 +93,29 @@ def test_config_rejects_unknown_model_and_bad_numbers():
         text_clip.ClipConfig(model="nope").validate()
     with pytest.raises(ValueError, match="batch_size >= 2"):
         text_clip.ClipConfig(batch_size=1).validate()
+
+
+def test_known_models_are_validated_without_importing_open_clip(monkeypatch):
+    """A config naming one of open_clip's shipped models is checked against its JSON file: importing
+    open_clip (torchvision, transformers, timm) took ~10 s of every CLI run's ~16 s `--dry-run`.
+    Names without such a file still go to open_clip, which gives the exact answer."""
+    from workflows.wuerstchen.models import TextEncoderConfig
+
+    asked = []
+
+    def no_import():
+        asked.append(1)
+        raise AssertionError("open_clip imported")
+
+    monkeypatch.setattr(clip_mod, "open_clip_lib", no_import)
+    for name in ("ViT-B-32", "ViT-H-14", "ViT-bigG-14", clip_mod.TINY):
+        assert text_clip.known_clip_model(name), name
+    text_clip.ClipConfig(model="ViT-H-14").validate()
+    TextEncoderConfig(name="ViT-bigG-14").validate()
+    assert not asked
+    for name in ("nope", "../model_configs/ViT-B-32"):
+        with pytest.raises(AssertionError, match="open_clip imported"):
+            text_clip.known_clip_model(name)
+    assert len(asked) == 2
+    monkeypatch.undo()
+    assert not text_clip.known_clip_model("nope") and not text_clip.known_clip_model("../model_configs/ViT-B-32")

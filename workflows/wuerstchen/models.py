@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from genmodels.clip import TINY, TextEncoder, open_clip_lib, text_dims
+from genmodels.clip import TINY, TextEncoder, text_dims
 from genmodels.wuerstchen import (
     COMPRESSOR_PRESETS,
     STAGE_A_PRESETS,
@@ -34,7 +34,7 @@ from genmodels.wuerstchen import (
 )
 from genmodels.wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
 from pipeline.store import Artifact
-from workflows.text_clip import encoder
+from workflows.text_clip import encoder, known_clip_model
 from workflows.train import load_weights
 
 # kind -> (network, its config class, named sizes)
@@ -133,7 +133,7 @@ class TextEncoderConfig:
             return
         if self.tokenizer:
             raise ValueError("tokenizer: transformers only (open_clip models bring their own)")
-        if open_clip_lib().get_model_config(self.name) is None:
+        if not known_clip_model(self.name):
             raise ValueError(f"name: unknown open_clip model {self.name!r}")
 
     @property
