@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -69,10 +70,17 @@ def known_clip_model(name: str) -> bool:
     the package (``open_clip/model_configs/<name>.json``; genmodels registers tiny-clip), so a file of
     that name answers without importing open_clip: ~5 s of CPU that every CLI run (``--dry-run``
     included) paid to validate its config. Any other name is asked of open_clip itself."""
-    spec = importlib.util.find_spec("open_clip")  # finds the package without running it
-    folders = [Path(p, "model_configs") for p in (spec.submodule_search_locations or [])] if spec else []
-    if name == clip_mod.TINY or ("/" not in name and any((f / f"{name}.json").is_file() for f in folders)):
+    if name == clip_mod.TINY:
         return True
+    spec = importlib.util.find_spec("open_clip")  # finds the package without running it
+    for folder in [Path(p, "model_configs") for p in (spec.submodule_search_locations or [])] if spec else []:
+        try:
+            cfg = json.loads((folder / f"{name}.json").read_text()) if "/" not in name else None
+        except (OSError, ValueError):  # no such file, or not a name a file can have
+            continue
+        # open_clip registers a file only when it has these keys (factory._rescan_model_configs)
+        if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            return True
     return clip_mod.open_clip_lib().get_model_config(name) is not None
 
 

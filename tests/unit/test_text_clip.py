@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,7 +96,7 @@ def test_config_rejects_unknown_model_and_bad_numbers():
         text_clip.ClipConfig(batch_size=1).validate()
 
 
-def test_known_models_are_validated_without_importing_open_clip(monkeypatch):
+def test_known_models_are_validated_without_importing_open_clip(monkeypatch, tmp_path):
     """A config naming one of open_clip's shipped models is checked against its JSON file: importing
     open_clip (torchvision, transformers, timm) took ~10 s of every CLI run's ~16 s `--dry-run`.
     Names without such a file still go to open_clip, which gives the exact answer."""
@@ -117,5 +118,13 @@ def test_known_models_are_validated_without_importing_open_clip(monkeypatch):
         with pytest.raises(AssertionError, match="open_clip imported"):
             text_clip.known_clip_model(name)
     assert len(asked) == 2
+    # A file open_clip would not register (it lacks embed_dim, vision_cfg, text_cfg) is not taken as a model.
+    (tmp_path / "model_configs").mkdir()
+    (tmp_path / "model_configs" / "Partial.json").write_text('{"embed_dim": 8}')
+    monkeypatch.setattr(text_clip.importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    with pytest.raises(AssertionError, match="open_clip imported"):
+        text_clip.known_clip_model("Partial")
+    assert len(asked) == 3
     monkeypatch.undo()
     assert not text_clip.known_clip_model("nope") and not text_clip.known_clip_model("../model_configs/ViT-B-32")
