@@ -19,7 +19,6 @@ import json
 import logging
 import posixpath
 import re
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import download as download_mod
-from data_prep import images
+from data_prep import images, tars
 from pipeline.stage import ActorPoolConfig, in_tasks
 from pipeline.store import Artifact
 
@@ -194,9 +193,9 @@ def tar_samples(art: Artifact, path: str) -> Iterator[dict[str, Any]]:
     """One WebDataset tar's samples, streamed, as ``read_webdataset(decoder=None,
     include_paths=True)`` gives them: ``__key__``, ``path`` and the raw bytes per extension."""
     sample: dict[str, Any] | None = None
-    with art.fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            match = _MEMBER.match(member.name) if member.isfile() else None
+    with art.fs.open_input_stream(path, buffer_size=tars.BUFFER) as f:
+        for name, data in tars.members(f):
+            match = _MEMBER.match(name)
             if not match:
                 continue
             key, ext = match.groups()
@@ -204,7 +203,7 @@ def tar_samples(art: Artifact, path: str) -> Iterator[dict[str, Any]]:
                 yield sample
                 sample = None
             sample = sample or {"__key__": key, "path": path}
-            sample[ext] = tar.extractfile(member).read()
+            sample[ext] = data
     if sample is not None:
         yield sample
 

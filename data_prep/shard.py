@@ -39,10 +39,8 @@ Counts: ``rows_in``, ``rows_out``, ``rows_train``, ``rows_heldout``, ``decode_er
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_prep import download as download_mod
-from data_prep import images
+from data_prep import images, tars
 from data_prep.partitions import LABELS, read_shard_rows, read_shards
 from data_prep.progress import Phases, every
 from data_prep.splits import heldout_mask
@@ -158,13 +156,11 @@ def kept_rows(filt: Artifact, shard: str, first: int, stop: int) -> pa.Table:
 def read_images(art: Artifact, tar: str, keys: set[str]) -> dict[str, bytes]:
     """Image bytes of the wanted img2dataset keys from one download tar (streamed)."""
     found: dict[str, bytes] = {}
-    with art.fs.open_input_stream(art.child(tar)) as f, tarfile.open(fileobj=f, mode="r|") as t:
-        for member in t:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
+    with art.fs.open_input_stream(art.child(tar), buffer_size=tars.BUFFER) as f:
+        for name, data in tars.members(f):
+            key, _, ext = name.rpartition("/")[2].partition(".")
             if key in keys and ext in ("jpg", "jpeg", "png", "webp"):
-                found[key] = t.extractfile(member).read()
+                found[key] = data
     return found
 
 
@@ -204,23 +200,19 @@ def records(spec: list[tuple[str, int, int]], *, cfg: ShardConfig, download: Art
 
 
 def tar_bytes(rows: list[dict[str, Any]], cfg: ShardConfig) -> bytes:
-    """One WebDataset tar of ``rows``: images per resolution, both captions, the rest as json.
+    """One WebDataset tar of ``rows``: images per resolution, both captions, the rest as json
+    (WebDataset's layout is only member names ``<key>.<ext>``, a sample's members adjacent;
+    ``webdataset``'s own writer imports torch, 3 s in every build process)."""
 
-    Written with ``tarfile`` (WebDataset's layout is only member names ``<key>.<ext>``, a sample's
-    members adjacent): ``webdataset``'s own writer imports torch, 3 s in every build process."""
-    buf = io.BytesIO()
-    # GNU headers: PAX's per-member extended header took half of the tar's write time
-    with tarfile.open(fileobj=buf, mode="w|", format=tarfile.GNU_FORMAT) as sink:
+    def files():
         for rec in rows:
             meta = {k: v for k, v in rec.items() if not isinstance(v, bytes) and k not in ("caption", "recaption")}
             members = {"txt": rec["caption"].encode(), "recaption.txt": rec["recaption"].encode(),
                        "json": json.dumps(meta).encode()}
             members.update({f"{r}.{cfg.image_format}": rec[f"{cfg.image_format}_{r}"] for r in cfg.resolutions})
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{rec['key']}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: byte-identical reruns
-                sink.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+            yield from ((f"{rec['key']}.{ext}", data) for ext, data in members.items())
+
+    return tars.write(files())
 
 
 def build(index: int, spec: list[tuple[str, int, int]], cfg: ShardConfig, download: Artifact, filt: Artifact,
