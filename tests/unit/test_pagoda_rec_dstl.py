@@ -171,13 +171,22 @@ def test_inverter_rows_do_not_depend_on_how_ray_data_batched_them(tmp_path):
     and the 20-point inversion carries that into every latent. The teacher always sees
     ``compute_batch`` rows, so a row inverted in a short batch equals the same row in a full one."""
     spec = InvertConfig(dstl=True, dstl_omega_range=(1.0, 3.0), dstl_points=3).dstl_spec()
-    inv, batch, _ = _inverter(Store(str(tmp_path)), spec, rows=20, compute_batch=20)
+    store = Store(str(tmp_path))
+    inv, batch, _ = _inverter(store, spec, rows=20, compute_batch=20, check=20, report=store.artifact("r", "whole"))
     whole = inv(batch)
     assert whole["latent"].shape == (20, 3, 16, 16)
+    inv.report, inv.check = store.artifact("r", "parts"), 20
     for lo, hi in ((0, 3), (3, 17), (17, 20)):
         part = inv({k: v[lo:hi] for k, v in batch.items()})
         for k in ("latent", "latent_flip", "dstl_target", "text"):
             np.testing.assert_array_equal(part[k], whole[k][lo:hi], err_msg=f"{k} rows {lo}:{hi}")
+
+    def roundtrip(art):  # the report of the round-trip check: mean |Heun(z) - x| per sample id
+        reports = [art.read_json(f) for f in art.list(".json", "roundtrip")]
+        return {i: m for r in reports for i, m in zip(r["sample_id"], r["mae"])}
+
+    by_part, by_whole = roundtrip(store.artifact("r", "parts")), roundtrip(store.artifact("r", "whole"))
+    assert len(by_whole) == 20 and by_part == by_whole
 
 
 def _text_models():
